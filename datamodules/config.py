@@ -1,0 +1,93 @@
+"""The `data` section of a run config. Plain dataclasses: fast to import, their field docstrings are `--help`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from datamodules.schema import FieldSpec
+
+
+@dataclass
+class SchemaConfig:
+    """Columns of a generic event file."""
+
+    user: str = "user_id"
+    """Column holding the user id."""
+    time: str = "timestamp"
+    """Column holding the event time."""
+    time_format: str | None = None
+    """epoch_s, epoch_ms, a strftime pattern such as %Y-%m-%d %H:%M:%S, or null for a datetime/ISO column."""
+    fields: list[FieldSpec] = field(default_factory=list)
+    """Event fields: name, kind (categorical|numeric|text|codes), column, top_k, n_buckets."""
+    event_type: str | None = None
+    """The categorical field that names the event kind, if any."""
+    separator: str | None = None
+    """CSV separator (default: ',' or tab for .tsv)."""
+
+
+@dataclass
+class LabelsConfig:
+    """A table of per-user labels for static probe targets."""
+
+    path: str | None = None
+    """CSV/parquet file with one row per user."""
+    user: str | None = None
+    """Its user column (default: schema.user)."""
+
+
+@dataclass
+class TargetConfig:
+    """One probe target."""
+
+    name: str = "target"
+    """Metric name: probe/<name>/auc."""
+    kind: str = "binary"
+    """binary | above_median | classes (static, from labels) or churn | propensity (future window)."""
+    column: str | None = None
+    """Labels column of a static target (default: name)."""
+    positive: str | None = None
+    """binary: the label value that is positive (default: labels must be 0/1 or true/false)."""
+    top_k: int = 4
+    """classes: keep the top_k most frequent classes, the rest become '(other)'."""
+    field: str | None = None
+    """propensity: the event field to look at in the target window."""
+    value: str | None = None
+    """propensity: positive when a window event has field == value (among users active in the window)."""
+
+
+@dataclass
+class DataConfig:
+    """Where events come from and how they become sequences."""
+
+    source: str = "ml100k"
+    """ml100k | generic."""
+    path: str | None = None
+    """generic: an event file or a glob (events/*.parquet); ml100k: the ml-100k folder (default: recbole's)."""
+    schema: SchemaConfig = field(default_factory=SchemaConfig)
+    """generic: the event schema."""
+    labels: LabelsConfig = field(default_factory=LabelsConfig)
+    """generic: per-user labels."""
+    targets: list[TargetConfig] = field(default_factory=list)
+    """Probe targets."""
+    cutoff: str | None = None
+    """History ends here (ISO datetime); events after it only make future-window targets."""
+    cutoff_quantile: float | None = None
+    """Alternative to cutoff: this quantile of all event times."""
+    window_days: int = 30
+    """Length of the future target window after the cutoff."""
+    max_len: int = 128
+    """Keep each user's last max_len events."""
+    top_k: int = 5000
+    """Vocabulary size cap per categorical field (plus 5 reserved ids)."""
+    n_buckets: int = 100
+    """Quantile buckets per numeric field."""
+    val_fraction: float = 0.1
+    """Users held out for val/loss (chosen by a seeded hash of the user id)."""
+    batch_size: int = 64
+    """Users per batch."""
+    bucket_by_length: bool = True
+    """Batch users of similar length together (less padding)."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+    cache_dir: str = ".cache/sequences"
+    """Preprocessed sequences, keyed by a content hash of source files, schema and these settings."""

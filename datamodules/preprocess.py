@@ -1,0 +1,249 @@
+"""Source events -> cached per-user sequences (Polars, lazy).
+
+Steps: drop exact duplicate events; cut history at the cutoff (later events only make
+future-window targets); split users into train/val by a seeded hash; fit vocabularies
+(top-K, reserved ids) and numeric quantile buckets on training users' history only;
+encode; day and week indexes; stable sort by (user, time); keep the last max_len events;
+one row per user with list columns. The result is cached as parquet + meta.json under a
+key hashed from the source files' content, the schema and every setting that changes it,
+written to a temporary folder and renamed, so a crash never leaves a torn cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import shutil
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from datamodules.config import DataConfig
+from datamodules.schema import DAY_FIELD, FIRST_ID, MISSING, RARE, WEEK_FIELD, EventSchema, FieldSpec
+from datamodules.sequences import SequenceStore
+from datamodules.sources import load_source, source_files
+from datamodules.sources.base import DataError, SourceData, fingerprint
+from datamodules.targets import FUTURE_KINDS, STATIC_KINDS, Target, future_labels, static_labels, stratified_split
+
+log = logging.getLogger(__name__)
+
+VERSION = 1  # bump when the cached layout or its meaning changes
+CACHE_IRRELEVANT = ("batch_size", "bucket_by_length", "num_workers", "cache_dir")
+
+
+@dataclass
+class Prepared:
+    """Everything a DataModule needs, loaded from the cache."""
+
+    store: SequenceStore
+    schema: EventSchema
+    vocabs: dict[str, list[str]]  # field -> values of ids FIRST_ID, FIRST_ID+1, ...
+    targets: list[Target]
+    is_val: np.ndarray  # bool [U]
+    meta: dict
+    path: Path
+    users: pl.DataFrame  # the cached frame (text fields for renderers live here)
+
+
+def cache_key(cfg: DataConfig, seed: int, files: list[Path]) -> str:
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in CACHE_IRRELEVANT}
+    payload = json.dumps({"version": VERSION, "seed": seed, "settings": settings, "data": fingerprint(files)}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def prepare(cfg: DataConfig, seed: int = 0) -> Prepared:
+    """Load the cached sequences for this config, building them first if needed."""
+    key = cache_key(cfg, seed, source_files(cfg))
+    path = Path(cfg.cache_dir) / f"{cfg.source}-{key}"
+    reason = stale_reason(path, key)
+    if reason:
+        log.info("building sequence cache %s (%s)", path, reason)
+        build(load_source(cfg), cfg, seed, key, path)
+    return load(path, seed)
+
+
+def stale_reason(path: Path, key: str) -> str | None:
+    meta_path = path / "meta.json"
+    if not meta_path.is_file():
+        return "no cache yet"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError:
+        return "meta.json unreadable"
+    if meta.get("key") != key or meta.get("version") != VERSION:
+        return "key or version mismatch"
+    missing = [f for f in ("users.parquet", "targets.parquet") if not (path / f).is_file()]
+    return f"missing {missing}" if missing else None
+
+
+def is_val_user(user_ids: pl.Series, seed: int, fraction: float) -> np.ndarray:
+    """Stable per-user choice: a user stays in val when other users are added."""
+    threshold = int(fraction * 2**32)
+    return np.array([zlib.crc32(f"{seed}:{u}".encode()) < threshold for u in user_ids.to_list()], dtype=bool)
+
+
+def resolve_cutoff(events: pl.LazyFrame, cfg: DataConfig) -> dt.datetime | None:
+    if cfg.cutoff:
+        try:
+            return dt.datetime.fromisoformat(cfg.cutoff)
+        except ValueError:
+            raise DataError(f"data.cutoff: {cfg.cutoff!r} is not an ISO datetime such as 1998-03-01 or 1998-03-01T12:00") from None
+    if cfg.cutoff_quantile is not None:
+        if not 0 < cfg.cutoff_quantile < 1:
+            raise DataError(f"data.cutoff_quantile: {cfg.cutoff_quantile} must be in (0, 1)")
+        return events.select(pl.col("time").quantile(cfg.cutoff_quantile, "nearest")).collect().item()
+    return None
+
+
+def fit_vocab(train: pl.LazyFrame, name: str, top_k: int) -> pl.LazyFrame:
+    """Most frequent values first; ties broken by value so the vocabulary is deterministic."""
+    counts = train.select(pl.col(name)).drop_nulls().group_by(name).len()
+    return counts.sort(["len", name], descending=[True, False]).head(top_k).select(name)
+
+
+def bucket_edges(values: np.ndarray, n_buckets: int) -> np.ndarray:
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return np.array([], dtype=np.float64)
+    return np.unique(np.quantile(finite, np.linspace(0, 1, n_buckets + 1)[1:-1]))
+
+
+def build(source: SourceData, cfg: DataConfig, seed: int, key: str, path: Path) -> None:
+    schema = source.schema
+    for t in cfg.targets:
+        if t.kind not in STATIC_KINDS + FUTURE_KINDS:
+            raise DataError(f"data.targets.{t.name}: unknown kind {t.kind!r}; choose from {STATIC_KINDS + FUTURE_KINDS}")
+    if any(t.kind in FUTURE_KINDS for t in cfg.targets) and not (cfg.cutoff or cfg.cutoff_quantile is not None):
+        raise DataError("data.cutoff: future-window targets (churn, propensity) need data.cutoff or data.cutoff_quantile")
+    if any(f.kind == "codes" for f in schema.fields):
+        raise DataError("data.schema.fields: 'codes' fields are not read by preprocessing yet")
+
+    counts = dict(source.counts)
+    field_cols = [f.name for f in schema.fields]
+    events = source.events
+    n_raw = events.select(pl.len()).collect().item()
+    events = events.unique(subset=["user_id", "time", *field_cols], keep="first", maintain_order=True)
+    counts["raw_events"] = n_raw
+    counts["duplicate_events"] = n_raw - events.select(pl.len()).collect().item()
+
+    cutoff = resolve_cutoff(events, cfg)
+    history, future = events, None
+    if cutoff is not None:
+        history = events.filter(pl.col("time") < cutoff)
+        window_end = cutoff + dt.timedelta(days=cfg.window_days)
+        future = events.filter((pl.col("time") >= cutoff) & (pl.col("time") < window_end)).collect()
+        counts["events_after_cutoff"] = events.filter(pl.col("time") >= cutoff).select(pl.len()).collect().item()
+
+    users = history.select(pl.col("user_id").unique()).collect()["user_id"].sort()
+    if users.len() == 0:
+        raise DataError(f"{source.files[0]}: no events before the cutoff {cutoff}" if cutoff else f"{source.files[0]}: no events")
+    val = is_val_user(users, seed, cfg.val_fraction)
+    train = history.join(pl.LazyFrame({"user_id": users.filter(~pl.Series(val))}), on="user_id", how="semi")
+
+    vocabs: dict[str, list[str]] = {}
+    encoded = []
+    cats = schema.of_kind("categorical")
+    fitted = pl.collect_all([fit_vocab(train, f.name, f.top_k or cfg.top_k) for f in cats])
+    for f, vocab in zip(cats, fitted):
+        values = vocab[f.name].to_list()
+        vocabs[f.name] = values
+        ids = pl.col(f.name).replace_strict(values, range(FIRST_ID, FIRST_ID + len(values)), default=RARE, return_dtype=pl.Int32)
+        encoded.append(pl.when(pl.col(f.name).is_null()).then(MISSING).otherwise(ids).cast(pl.Int32).alias(f"tok_{f.name}"))
+    for f in schema.of_kind("numeric"):
+        train_values = train.select(pl.col(f.name)).collect()[f.name].to_numpy().astype(np.float64)
+        edges = bucket_edges(train_values, f.n_buckets or cfg.n_buckets)
+        bounds = [-np.inf, *edges.tolist(), np.inf]
+        vocabs[f.name] = [f"[{lo:g}, {hi:g})" for lo, hi in zip(bounds[:-1], bounds[1:])]
+        bucket = pl.lit(pl.Series(edges, dtype=pl.Float64)).search_sorted(pl.col(f.name), side="right")
+        encoded.append(pl.when(pl.col(f.name).is_null()).then(MISSING).otherwise(bucket.cast(pl.Int32) + FIRST_ID).cast(pl.Int32).alias(f"tok_{f.name}"))
+        encoded.append(pl.col(f.name).cast(pl.Float32).alias(f"val_{f.name}"))
+
+    t0 = history.select(pl.col("time").min()).collect().item()
+    day = (pl.col("time") - pl.lit(t0)).dt.total_days().cast(pl.Int32)
+    encoded += [(day + FIRST_ID).alias(f"tok_{DAY_FIELD}"), (day // 7 + FIRST_ID).alias(f"tok_{WEEK_FIELD}")]
+    texts = [f.name for f in schema.of_kind("text")]
+
+    ordered = (
+        history.sort(["user_id", "time", "_file", "_row"])
+        .with_columns(pos=pl.int_range(pl.len()).over("user_id"), n=pl.len().over("user_id").cast(pl.Int64))
+        .filter(pl.col("pos") >= pl.col("n") - cfg.max_len)
+        .select("user_id", pl.col("time").dt.epoch("s").alias("time"), *encoded, *[pl.col(t).alias(f"txt_{t}") for t in texts])
+    )
+    frame = ordered.group_by("user_id", maintain_order=True).agg(pl.all()).collect()
+    n_history = history.select(pl.len()).collect().item()
+    counts["history_events"] = n_history
+    counts["truncated_events"] = n_history - int(frame["time"].list.len().sum())
+
+    max_day = int(frame[f"tok_{DAY_FIELD}"].list.max().max()) - FIRST_ID
+    vocab_sizes = {f.name: FIRST_ID + len(vocabs[f.name]) for f in schema.of_kind("categorical", "numeric")}
+    vocab_sizes[DAY_FIELD] = FIRST_ID + max_day + 1
+    vocab_sizes[WEEK_FIELD] = FIRST_ID + max_day // 7 + 1
+
+    targets, classes = pl.DataFrame({"user_id": frame["user_id"]}), {}
+    for t in cfg.targets:
+        if t.kind in STATIC_KINDS:
+            label, names = static_labels(t, source.labels, frame["user_id"])
+        else:
+            label, names = future_labels(t, future, frame["user_id"])
+        targets = targets.with_columns(label.alias(t.name))
+        classes[t.name] = names
+    if source.labels is not None:
+        counts["labelled_users_without_events"] = int((~source.labels["user_id"].is_in(frame["user_id"].implode())).sum())
+
+    meta = {
+        "key": key,
+        "version": VERSION,
+        "source": source.name,
+        "schema": dataclasses.asdict(schema),
+        "vocabs": vocabs,
+        "vocab_sizes": vocab_sizes,
+        "value_fields": schema.value_fields,
+        "targets": {t.name: {"kind": t.kind, "classes": classes[t.name]} for t in cfg.targets},
+        "cutoff": cutoff.isoformat() if cutoff else None,
+        "t0": t0.isoformat(),
+        "n_users": frame.height,
+        "n_val_users": int(val.sum()),
+        "counts": counts,
+    }
+    for reason, n in counts.items():
+        if n and reason not in ("raw_events", "history_events"):
+            log.info("%s: %d %s", source.name, n, reason.replace("_", " "))
+    write_atomic_dir(path, {"users.parquet": frame, "targets.parquet": targets.with_columns(is_val=pl.Series(val))}, meta)
+
+
+def write_atomic_dir(path: Path, frames: dict[str, pl.DataFrame], meta: dict) -> None:
+    """Write into a temporary sibling, then rename: readers see the old cache or the new, never half."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        for name, frame in frames.items():
+            frame.write_parquet(tmp / name)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load(path: Path, seed: int) -> Prepared:
+    meta = json.loads((path / "meta.json").read_text())
+    users = pl.read_parquet(path / "users.parquet")
+    table = pl.read_parquet(path / "targets.parquet")
+    store = SequenceStore.from_frame(users, meta["vocab_sizes"], meta["value_fields"])
+    targets = []
+    for name, info in meta["targets"].items():
+        labels = table[name].fill_null(-1).to_numpy().astype(np.int64)
+        kind = "binary" if len(info["classes"]) == 2 else "multiclass"
+        targets.append(Target(name, kind, labels, info["classes"], stratified_split(labels, seed, name)))
+    s = meta["schema"]
+    schema = EventSchema(s["user"], s["time"], [FieldSpec(**f) for f in s["fields"]], s["event_type"])
+    return Prepared(store, schema, meta["vocabs"], targets, table["is_val"].to_numpy(), meta, path, users)

@@ -1,0 +1,161 @@
+"""User sequences as flat numpy arrays + offsets, and the batching around them.
+
+No per-user Python objects: a batch is gathered from the flat arrays with one
+vectorised index, so loading stays cheap next to a training step.
+
+A batch is a dict:
+    index    LongTensor[B]            row of each user in the store
+    lengths  LongTensor[B]            real events per user (>= 1)
+    tokens   {field: LongTensor[B,T]} vocabulary ids, right-padded with 0 (PAD)
+    values   {field: FloatTensor[B,T]} raw numeric values, 0.0 at pad and where missing
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import polars as pl
+import torch
+
+
+@dataclass
+class SequenceStore:
+    """All users' event sequences, concatenated. User u owns rows offsets[u]:offsets[u+1]."""
+
+    user_ids: np.ndarray  # [U]
+    offsets: np.ndarray  # int64 [U+1]
+    tokens: dict[str, np.ndarray]  # int32 [N] per token field
+    values: dict[str, np.ndarray]  # float32 [N] per numeric field, NaN where missing
+    times: np.ndarray  # int64 [N], epoch seconds
+    vocab_sizes: dict[str, int]
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @property
+    def n_events(self) -> int:
+        return int(self.offsets[-1])
+
+    @classmethod
+    def from_frame(cls, users: pl.DataFrame, vocab_sizes: dict[str, int], value_fields: Sequence[str]) -> "SequenceStore":
+        """Build from the cached one-row-per-user frame (list columns `tok_<f>`, `val_<f>`, `time`)."""
+        lengths = users["time"].list.len().to_numpy().astype(np.int64)
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+
+        def flat(col: str, dtype: type) -> np.ndarray:
+            return users[col].explode().to_numpy().astype(dtype, copy=False)
+
+        return cls(
+            user_ids=users["user_id"].to_numpy(),
+            offsets=offsets,
+            tokens={f: flat(f"tok_{f}", np.int32) for f in vocab_sizes},
+            values={f: flat(f"val_{f}", np.float32) for f in value_fields},
+            times=flat("time", np.int64),
+            vocab_sizes=dict(vocab_sizes),
+        )
+
+
+class UserIndexDataset(torch.utils.data.Dataset):
+    """Items are store rows; `Collator` gathers the events of a whole batch at once."""
+
+    def __init__(self, indices: np.ndarray):
+        self.indices = np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> int:
+        return int(self.indices[i])
+
+
+class Collator:
+    """Store rows -> padded batch dict (see module docstring). Picklable for worker processes."""
+
+    def __init__(self, store: SequenceStore, fields: Sequence[str] | None = None):
+        self.store = store
+        self.fields = list(fields) if fields is not None else list(store.tokens)
+
+    def __call__(self, rows: Sequence[int]) -> dict:
+        s = self.store
+        rows = np.asarray(rows, dtype=np.int64)
+        starts = s.offsets[rows]
+        lengths = s.offsets[rows + 1] - starts
+        width = int(lengths.max())
+        steps = np.arange(width)
+        mask = steps[None, :] < lengths[:, None]
+        gather = np.where(mask, starts[:, None] + steps[None, :], 0)
+        tokens = {f: torch.from_numpy(np.where(mask, s.tokens[f][gather], 0).astype(np.int64)) for f in self.fields}
+        values = {}
+        for f, arr in s.values.items():
+            v = arr[gather]
+            values[f] = torch.from_numpy(np.where(mask & np.isfinite(v), v, 0.0).astype(np.float32))
+        return {
+            "index": torch.from_numpy(rows),
+            "lengths": torch.from_numpy(lengths),
+            "tokens": tokens,
+            "values": values,
+        }
+
+
+class LengthBucketBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Batches of similar length, in a seeded random order that changes with the epoch.
+
+    Positions are shuffled, cut into pools of `pool_batches` batches, each pool sorted by
+    length and cut into batches; the batch order is shuffled again. Less padding per
+    batch, still a different mix every epoch. Yields positions into `lengths`.
+    """
+
+    def __init__(
+        self,
+        lengths: np.ndarray,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        pool_batches: int = 50,
+        drop_last: bool = False,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.lengths = np.asarray(lengths)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.pool = max(1, pool_batches) * batch_size
+        self.drop_last = drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batches(self) -> list[np.ndarray]:
+        n = len(self.lengths)
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        out: list[np.ndarray] = []
+        for start in range(0, n, self.pool):
+            chunk = order[start : start + self.pool]
+            chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
+            out.extend(chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size))
+        if self.drop_last:
+            out = [b for b in out if len(b) == self.batch_size]
+        if self.shuffle:
+            out = [out[i] for i in rng.permutation(len(out))]
+        return out
+
+    def __iter__(self) -> Iterator[list[int]]:
+        # Lightning only calls set_epoch on a batch sampler's inner sampler, so advance here.
+        batches = self.batches()
+        self.epoch += 1
+        for b in batches:
+            yield b.tolist()
+
+    def __len__(self) -> int:
+        n = len(self.lengths)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)

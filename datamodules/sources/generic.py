@@ -1,0 +1,123 @@
+"""Any CSV / parquet / Arrow event log described by a schema in the config: a full run from config alone.
+
+Handling of imperfect data (documented in docs/data.md, counted in the run's metrics):
+- null user or time, unparseable time, a numeric field holding text, a missing column,
+  a missing or empty file: an error naming file, column and row;
+- non-finite numbers (inf, NaN): treated as missing, counted;
+- exact duplicate events: dropped in preprocessing, counted;
+- labels for users without events: ignored, counted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from collections.abc import Sequence
+
+import polars as pl
+
+from datamodules.schema import EventSchema
+from datamodules.sources.base import DataError, SourceData, first_row, parse_time, require_columns
+
+READERS = {".csv": "csv", ".tsv": "csv", ".txt": "csv", ".parquet": "parquet", ".arrow": "ipc", ".ipc": "ipc", ".feather": "ipc"}
+
+
+def scan_table(path: Path, separator: str | None = None) -> pl.LazyFrame:
+    """Lazy scan of one file with a 1-based `_row`; missing, unreadable and empty files are DataErrors."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    kind = READERS.get(path.suffix.lower())
+    if kind is None:
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(READERS)}")
+    try:
+        if kind == "csv":
+            sep = separator or ("\t" if path.suffix.lower() == ".tsv" else ",")
+            frame = pl.scan_csv(path, separator=sep, infer_schema_length=10000)
+        elif kind == "parquet":
+            frame = pl.scan_parquet(path)
+        else:
+            frame = pl.scan_ipc(path)
+        frame = frame.with_row_index("_row", offset=1)
+        if frame.select(pl.len()).collect().item() == 0:
+            raise DataError(f"{path}: no rows")
+    except (pl.exceptions.NoDataError, pl.exceptions.ComputeError, OSError) as err:
+        raise DataError(f"{path}: cannot read as {kind}: {str(err).splitlines()[0]}") from None
+    return frame
+
+
+def read_events(path: Path, schema: EventSchema, time_format: str | None, separator: str | None = None) -> tuple[pl.LazyFrame, dict[str, int]]:
+    """One event file -> the normalised event frame (see sources/base.py) and its counts."""
+    frame = scan_table(path, separator)
+    present = [c for c in frame.collect_schema().names() if c != "_row"]
+    needed = {schema.user: "schema.user", schema.time: "schema.time"}
+    needed.update({f.source_column: f"schema.fields.{f.name}" for f in schema.fields})
+    require_columns(path, present, needed)
+
+    for column, role in ((schema.user, "user"), (schema.time, "time")):
+        row = first_row(frame, pl.col(column).is_null())
+        if row is not None:
+            raise DataError(f"{path}: column {column!r}, row {row}: null {role}")
+    frame = parse_time(frame, schema.time, time_format, path)
+
+    counts: dict[str, int] = {}
+    columns = [pl.col("_row"), pl.lit(str(path)).alias("_file"), pl.col(schema.user).cast(pl.String).alias("user_id"), pl.col("time")]
+    for f in schema.fields:
+        src = pl.col(f.source_column)
+        if f.kind == "numeric":
+            dtype = frame.collect_schema()[f.source_column]
+            if not (dtype.is_numeric() or dtype in (pl.String, pl.Null)):
+                raise DataError(f"{path}: column {f.source_column!r} has dtype {dtype}; field {f.name!r} is numeric")
+            number = src.cast(pl.Float64, strict=False)
+            row = first_row(frame, number.is_null() & src.is_not_null())
+            if row is not None:
+                raw = frame.filter(pl.col("_row") == row).select(src.cast(pl.String)).collect().item()
+                raise DataError(f"{path}: column {f.source_column!r}, row {row}: {raw!r} is not a number (field {f.name!r} is numeric)")
+            nonfinite = frame.select((number.is_nan() | number.is_infinite()).sum()).collect().item()
+            if nonfinite:
+                counts[f"nonfinite_{f.name}"] = int(nonfinite)
+            columns.append(pl.when(number.is_finite()).then(number).otherwise(None).alias(f.name))
+        elif f.kind in ("categorical", "text"):
+            columns.append(src.cast(pl.String).alias(f.name))
+        else:
+            raise DataError(f"{path}: field {f.name!r} has kind {f.kind!r}, which the generic source does not read yet")
+    return frame.select(columns), counts
+
+
+def read_labels(path: Path, user: str, columns: Sequence[str], separator: str | None = None) -> pl.DataFrame:
+    """A labels table: one row per user (`_row`, `_file` kept for error messages); duplicate or null users are errors."""
+    frame = scan_table(path, separator)
+    present = [c for c in frame.collect_schema().names() if c != "_row"]
+    require_columns(path, present, {user: "labels.user", **{c: "targets.column" for c in columns}})
+    row = first_row(frame, pl.col(user).is_null())
+    if row is not None:
+        raise DataError(f"{path}: column {user!r}, row {row}: null user")
+    row = first_row(frame, pl.col(user).cast(pl.String).is_duplicated())
+    if row is not None:
+        raise DataError(f"{path}: column {user!r}, row {row}: user appears more than once in the labels")
+    keep = [pl.col(c) for c in dict.fromkeys(columns) if c != user]
+    return frame.select("_row", pl.lit(str(path)).alias("_file"), pl.col(user).cast(pl.String).alias("user_id"), *keep).collect()
+
+
+def load(
+    paths: Sequence[str | Path],
+    schema: EventSchema,
+    time_format: str | None = None,
+    separator: str | None = None,
+    labels_path: str | Path | None = None,
+    labels_user: str | None = None,
+    label_columns: Sequence[str] = (),
+) -> SourceData:
+    files = [Path(p).expanduser() for p in paths]
+    if not files:
+        raise DataError("data.path: no event files given")
+    frames, counts = [], {}
+    for path in files:
+        frame, file_counts = read_events(path, schema, time_format, separator)
+        frames.append(frame)
+        for k, v in file_counts.items():
+            counts[k] = counts.get(k, 0) + v
+    labels = None
+    if labels_path is not None:
+        lpath = Path(labels_path).expanduser()
+        labels = read_labels(lpath, labels_user or schema.user, label_columns, separator)
+        files.append(lpath)
+    return SourceData("generic", pl.concat(frames, how="vertical_relaxed"), schema, labels, files, counts)

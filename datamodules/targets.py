@@ -1,0 +1,96 @@
+"""Probe targets aligned with the rows of a SequenceStore, each with its own fit/eval split."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+from datamodules.sources.base import DataError
+
+FIT, EVAL, UNLABELLED = 0, 1, -1
+
+
+@dataclass
+class Target:
+    """One probe target. labels[u] is the class of store row u (-1: no label for that user)."""
+
+    name: str
+    kind: str  # "binary" | "multiclass"
+    labels: np.ndarray  # int64 [U]
+    classes: list[str]  # class names; label k is classes[k] (binary: [negative, positive])
+    split: np.ndarray  # int8 [U]: FIT, EVAL or UNLABELLED
+
+
+STATIC_KINDS = ("binary", "above_median", "classes")
+FUTURE_KINDS = ("churn", "propensity")
+TRUE_VALUES, FALSE_VALUES = {"1", "true", "True", "yes"}, {"0", "false", "False", "no"}
+
+
+def static_labels(spec, labels: pl.DataFrame | None, user_ids: pl.Series) -> tuple[pl.Series, list[str]]:
+    """Labels of a static target for the users in `user_ids` (null: unlabelled) and its class names."""
+
+    column = spec.column or spec.name
+    if labels is None:
+        raise DataError(f"data.targets.{spec.name}: a {spec.kind} target needs a labels table (data.labels.path)")
+    frame = pl.DataFrame({"user_id": user_ids}).join(labels, on="user_id", how="left", maintain_order="left")
+    raw = frame[column]
+    if spec.kind == "binary":
+        text = raw.cast(pl.String)
+        if spec.positive is not None:
+            return (text == str(spec.positive)).cast(pl.Int64).set(raw.is_null(), None), ["other", str(spec.positive)]
+        bad = text.is_not_null() & ~text.is_in(sorted(TRUE_VALUES | FALSE_VALUES))
+        if bad.any():
+            row = labels.filter(pl.col(column).cast(pl.String) == text.filter(bad)[0])["_row"][0]
+            raise DataError(
+                f"{labels['_file'][0]}: column {column!r}, row {row}: {text.filter(bad)[0]!r} is not 0/1 or true/false; "
+                f"set targets.{spec.name}.positive to the positive value"
+            )
+        return text.is_in(sorted(TRUE_VALUES)).cast(pl.Int64).set(raw.is_null(), None), ["0", "1"]
+    if spec.kind == "above_median":
+        number = raw.cast(pl.Float64, strict=False)
+        bad = number.is_null() & raw.is_not_null()
+        if bad.any():
+            value = raw.filter(bad)[0]
+            row = labels.filter(pl.col(column) == value)["_row"][0]
+            raise DataError(f"{labels['_file'][0]}: column {column!r}, row {row}: {value!r} is not a number")
+        median = number.median()
+        return (number > median).cast(pl.Int64), [f"<= {median:g}", f"> {median:g}"]
+    if spec.kind == "classes":
+        text = raw.cast(pl.String)
+        counts = text.drop_nulls().value_counts(sort=True, name="n").sort(["n", column], descending=[True, False])
+        keep = counts[column].head(spec.top_k).to_list()
+        classes = keep + (["(other)"] if counts.height > len(keep) else [])
+        index = {c: i for i, c in enumerate(classes)}
+        return text.replace_strict(index, default=len(keep), return_dtype=pl.Int64).set(raw.is_null(), None), classes
+    raise ValueError(f"not a static target kind: {spec.kind}")
+
+
+def future_labels(spec, future: pl.DataFrame, user_ids: pl.Series) -> tuple[pl.Series, list[str]]:
+    """Labels computed from the events in the target window after the cutoff."""
+
+    active = future["user_id"].unique()
+    if spec.kind == "churn":
+        return (~user_ids.is_in(active.implode())).cast(pl.Int64), ["active", "churned"]
+    if spec.field is None or spec.value is None:
+        raise DataError(f"data.targets.{spec.name}: a propensity target needs field and value")
+    if spec.field not in future.columns:
+        raise DataError(f"data.targets.{spec.name}: field {spec.field!r} is not an event field; fields are {future.columns}")
+    hits = future.filter(pl.col(spec.field).cast(pl.String) == str(spec.value))["user_id"].unique()
+    label = user_ids.is_in(hits.implode()).cast(pl.Int64)
+    return label.set(~user_ids.is_in(active.implode()), None), ["no", str(spec.value)]
+
+
+def stratified_split(labels: np.ndarray, seed: int, name: str) -> np.ndarray:
+    """Half of each class to FIT, half to EVAL; seeded per target so targets do not share a split."""
+    import zlib
+
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    split = np.full(len(labels), UNLABELLED, dtype=np.int8)
+    for cls in np.unique(labels[labels >= 0]):
+        rows = rng.permutation(np.flatnonzero(labels == cls))
+        half = len(rows) // 2
+        split[rows[:half]] = FIT
+        split[rows[half:]] = EVAL
+    return split

@@ -1,0 +1,233 @@
+"""`python -m experiments.run [experiment=NAME] [key=value ...]`: train, embed, probe, report.
+
+Heavy libraries (torch, lightning, wandb) are imported inside `run`, so `--help` and
+config errors answer at once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from experiments.config import ConfigError, DataConfig, compose, help_text, to_dataclass
+
+log = logging.getLogger("experiments.run")
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: dict[str, float]  # what metrics.json holds
+    rows: dict[str, dict[str, float]]  # table row name -> probe metrics
+    wandb_summary: dict = field(default_factory=dict)  # read from the W&B run before it finished
+
+
+def atomic_write(path: Path, write) -> None:
+    """write(tmp_path) then rename: a reader sees the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def make_run_dir(cfg: DictConfig) -> Path:
+    name = cfg.run_name or dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    run_dir = Path(cfg.output_dir) / cfg.experiment / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    loggers = []
+    if cfg.logger.wandb:
+        os.environ.setdefault("WANDB_MODE", "offline")
+        loggers.append(
+            WandbLogger(
+                project=cfg.logger.project,
+                entity=cfg.logger.entity,
+                group=cfg.logger.group,
+                tags=list(cfg.logger.tags) or None,
+                name=run_dir.name,
+                save_dir=str(run_dir),
+                offline=os.environ["WANDB_MODE"] == "offline",
+                config={
+                    "method": cfg.model.name,
+                    "dataset": cfg.data.source,
+                    "experiment": cfg.experiment,
+                    **OmegaConf.to_container(cfg),
+                },
+            )
+        )
+    if cfg.logger.csv:
+        loggers.append(CSVLogger(save_dir=str(run_dir), name="", version="csv"))
+    return loggers
+
+
+def baseline_rows(cfg: DictConfig, prepared, targets, dim: int) -> dict[str, dict[str, float]]:
+    """The floor every table shows: handcrafted features and random vectors, probed the same way."""
+    from callbacks.probe import probe_embeddings
+    from datamodules.handcrafted import handcrafted_features, random_embeddings
+
+    rows = {}
+    for name in cfg.probe.baselines:
+        if name == "handcrafted":
+            cutoff = prepared.meta["cutoff"]
+            reference = int(dt.datetime.fromisoformat(cutoff).replace(tzinfo=dt.timezone.utc).timestamp()) if cutoff else None
+            features, _ = handcrafted_features(prepared.store, reference_time=reference)
+        elif name == "random":
+            features = random_embeddings(len(prepared.store), dim, cfg.seed)
+        else:
+            raise ConfigError(f"probe.baselines: unknown baseline {name!r}; choose handcrafted or random")
+        rows[name] = probe_embeddings(features, targets, C=cfg.probe.C, seed=cfg.seed, max_iter=cfg.probe.max_iter)
+    return rows
+
+
+def write_embeddings(path: Path, user_ids, embeddings) -> None:
+    import numpy as np
+    import polars as pl
+
+    frame = pl.DataFrame({"user_id": user_ids, "embedding": np.asarray(embeddings, dtype=np.float32)})
+    atomic_write(path, frame.write_parquet)
+
+
+def run(cfg: DictConfig) -> RunResult:
+    """Fit the configured method, embed every user, probe, and write the run directory."""
+    import lightning.pytorch as L
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from safetensors.torch import save_file
+
+    from callbacks.probe import LinearProbe
+    from datamodules.datamodule import EventDataModule
+    from lit_modules.registry import build_module
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = EventDataModule(to_dataclass(cfg.data, DataConfig), seed=cfg.seed)
+    prepared = datamodule.data  # bad data fails here, before a run directory exists
+    try:
+        module = build_module(OmegaConf.to_container(cfg.model), prepared)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+    run_dir = make_run_dir(cfg)
+    atomic_write(run_dir / "config.yaml", lambda p: OmegaConf.save(cfg, p, resolve=True))
+    loggers = build_loggers(cfg, run_dir)
+    probe = LinearProbe(prepared.targets, datamodule.predict_dataloader, every_n_epochs=cfg.probe.every_n_epochs, C=cfg.probe.C, seed=cfg.seed)
+    callbacks = [probe, ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/loss", save_last=True)]
+    if cfg.trainer.early_stopping_patience is not None:
+        callbacks.append(EarlyStopping(monitor="val/loss", patience=cfg.trainer.early_stopping_patience))
+    t = cfg.trainer
+    trainer = L.Trainer(
+        max_epochs=t.max_epochs,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=t.strategy,
+        num_nodes=t.num_nodes,
+        precision=t.precision,
+        gradient_clip_val=t.gradient_clip_val,
+        fast_dev_run=t.fast_dev_run,
+        limit_train_batches=t.limit_train_batches,
+        limit_val_batches=t.limit_val_batches,
+        log_every_n_steps=t.log_every_n_steps,
+        deterministic=t.deterministic,
+        logger=loggers or False,
+        callbacks=callbacks,
+        default_root_dir=str(run_dir),
+        enable_model_summary=False,
+    )
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    fit_seconds = time.perf_counter() - started
+
+    rows = {cfg.model.name: dict(probe.results)}
+    rows.update({f"baseline/{k}": v for k, v in baseline_rows(cfg, prepared, prepared.targets, probe.embeddings.shape[1]).items()})
+    metrics = {k: float(v) for k, v in probe.results.items()}
+    for name, row in rows.items():
+        if name.startswith("baseline/"):
+            metrics.update({f"{name}/{k}": float(v) for k, v in row.items()})
+    for key in ("train/loss_epoch", "val/loss"):
+        if key in trainer.callback_metrics:
+            metrics[key] = float(trainer.callback_metrics[key])
+    metrics["time/fit_seconds"] = fit_seconds
+    metrics["epochs"] = trainer.current_epoch
+    metrics.update({f"data/{k}": v for k, v in prepared.meta["counts"].items()})
+
+    summary = {}
+    for lg in trainer.loggers:
+        lg.log_metrics({k: v for k, v in metrics.items() if k.startswith("baseline/")}, step=trainer.global_step)
+        if type(lg).__name__ == "WandbLogger":
+            summary = dict(lg.experiment.summary)
+            lg.experiment.finish()
+    if trainer.is_global_zero:
+        atomic_write(run_dir / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=1, sort_keys=True)))
+        write_embeddings(run_dir / "embeddings.parquet", prepared.store.user_ids, probe.embeddings)
+        atomic_write(run_dir / "model.safetensors", lambda p: save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(p)))
+    return RunResult(run_dir, metrics, rows, summary)
+
+
+def print_table(result: RunResult) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    targets = list(dict.fromkeys(k.split("/")[1] for row in result.rows.values() for k in row))
+    table = Table(title="Linear probe on the eval half of each target: ROC-AUC / KS")
+    table.add_column("target")
+    for name in result.rows:
+        table.add_column(name.removeprefix("baseline/"), justify="right")
+    for t in targets:
+        cells = [f"{row.get(f'probe/{t}/auc', float('nan')):.3f} / {row.get(f'probe/{t}/ks', float('nan')):.3f}" for row in result.rows.values()]
+        table.add_row(t, *cells)
+    Console(width=max(100, 24 * (len(result.rows) + 1))).print(table)
+
+
+def quiet_libraries() -> None:
+    """Our own INFO lines (dropped rows, cache builds) on stderr; library chatter and known deprecations off."""
+    import warnings
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    for name in ("datamodules", "experiments", "callbacks", "lit_modules"):
+        logging.getLogger(name).setLevel(logging.INFO)
+        logging.getLogger(name).addHandler(handler)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*anonymous setting.*")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help", "help") for a in args):
+        print(help_text())
+        return 0
+    quiet_libraries()
+    try:
+        cfg = compose(args)
+        result = run(cfg)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:
+        from datamodules.sources.base import DataError
+
+        if not isinstance(err, DataError):
+            raise
+        print(f"data error: {err}", file=sys.stderr)
+        return 2
+    print_table(result)
+    print(f"run directory: {result.run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""GRU sequence autoencoder ("Encode Me If You Can", RecSys Challenge 2025).
+
+An encoder GRU reads a user's events; its last layer's final hidden state is the user
+vector. A decoder GRU, started from that vector and fed it at every step, reconstructs
+the events field by field with teacher forcing. Unlike the reference code, both GRUs
+run on packed sequences, so a user's vector never sees pad steps and does not depend
+on the batch it was computed in.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from datamodules.schema import EOS, PAD, SOS
+
+COMBINE_MODES = ("sum", "concat")
+
+
+class GRUAutoencoder(L.LightningModule):
+    """Per-field embeddings -> encoder GRU -> user vector -> decoder GRU -> per-field heads.
+
+    Batches follow `datamodules.sequences` (tokens right-padded with PAD, real `lengths`);
+    token fields not in `fields` and `values` are ignored.
+    """
+
+    def __init__(
+        self,
+        vocab_sizes: dict[str, int],
+        fields: list[str],
+        emb_dim: int = 64,
+        hidden: int = 128,
+        layers: int = 2,
+        dropout: float = 0.1,
+        combine: str = "sum",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+    ):
+        super().__init__()
+        # Plain types before save_hyperparameters (it reads these locals), so the
+        # checkpoint loads with weights_only=True.
+        vocab_sizes = {str(f): int(n) for f, n in vocab_sizes.items()}
+        fields = [str(f) for f in fields]
+        _check_args(vocab_sizes, fields, combine)
+        self.save_hyperparameters()
+        self.fields = fields
+        self.combine = combine
+
+        # ModuleLists in `fields` order: field names need not be valid module attribute names.
+        # The embeddings are shared by encoder and decoder input.
+        self.embeddings = nn.ModuleList(nn.Embedding(vocab_sizes[f], emb_dim, padding_idx=PAD) for f in fields)
+        event_dim = emb_dim * len(fields) if combine == "concat" else emb_dim
+        gru_dropout = dropout if layers > 1 else 0.0
+        self.encoder = nn.GRU(event_dim, hidden, num_layers=layers, dropout=gru_dropout, batch_first=True)
+        self.decoder = nn.GRU(event_dim + hidden, hidden, num_layers=layers, dropout=gru_dropout, batch_first=True)
+        self.heads = nn.ModuleList(nn.Linear(hidden, vocab_sizes[f]) for f in fields)
+
+    def _events(self, tokens: list[torch.Tensor]) -> torch.Tensor:
+        """Per-field ids [B, T] (in `fields` order) -> event vectors [B, T, event_dim]."""
+        embs = [emb(t) for emb, t in zip(self.embeddings, tokens)]
+        return torch.cat(embs, dim=-1) if self.combine == "concat" else torch.stack(embs).sum(0)
+
+    def embed(self, batch: dict) -> torch.Tensor:
+        """User vectors [B, hidden] float32 in batch order; independent of padding and batch mates.
+
+        Call in eval mode: in train mode, inter-layer dropout makes them random.
+        """
+        x = self._events([batch["tokens"][f] for f in self.fields])
+        packed = pack_padded_sequence(x, batch["lengths"].cpu(), batch_first=True, enforce_sorted=False)
+        _, h_n = self.encoder(packed)  # [layers, B, hidden], already back in batch order
+        return h_n[-1].float()
+
+    def losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Reconstruction cross-entropy per field, each averaged over real target positions.
+
+        Decoder step t reads event t-1 (SOS at t=0) and predicts event t; the target after
+        the last event is EOS, so a user of n events gives n+1 positions.
+        """
+        lengths = batch["lengths"]
+        tokens = [batch["tokens"][f] for f in self.fields]
+        z = self.embed(batch)
+        B, T = tokens[0].shape
+        dec_lengths = lengths + 1
+
+        prev = [F.pad(t, (1, 0), value=SOS) for t in tokens]
+        x = self._events(prev)
+        x = torch.cat([x, z[:, None, :].expand(B, T + 1, z.shape[-1])], dim=-1)
+        # Every decoder layer starts from the user vector (not the encoder's lower layers'
+        # states), so all the decoder knows about the user passes through the exported vector.
+        h_0 = z[None].expand(self.hparams.layers, B, z.shape[-1]).contiguous()
+        packed = pack_padded_sequence(x, dec_lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, _ = self.decoder(packed, h_0)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=T + 1)
+
+        # Only real positions reach the heads: pads are neither scored nor paid for.
+        real = torch.arange(T + 1, device=out.device)[None, :] < dec_lengths[:, None].to(out.device)
+        out = out[real]
+        losses = {}
+        for f, head, t in zip(self.fields, self.heads, tokens):
+            target = F.pad(t, (0, 1), value=PAD).scatter(1, lengths[:, None], EOS)
+            losses[f] = F.cross_entropy(head(out), target[real])
+        return losses
+
+    def _step(self, batch: dict, stage: str) -> torch.Tensor:
+        per_field = self.losses(batch)
+        loss = torch.stack(list(per_field.values())).sum()
+        B = len(batch["lengths"])
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=B)
+        for f, v in per_field.items():
+            self.log(f"{stage}/loss_{f}", v, on_step=on_step, on_epoch=True, batch_size=B)
+        return loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "val")
+
+    def predict_step(self, batch: dict, batch_idx: int = 0, dataloader_idx: int = 0) -> torch.Tensor:
+        return self.embed(batch)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+
+def _check_args(vocab_sizes: dict[str, int], fields: list[str], combine: str) -> None:
+    if combine not in COMBINE_MODES:
+        raise ValueError(f"combine must be one of {COMBINE_MODES}, got {combine!r}")
+    if not fields:
+        raise ValueError("fields must name at least one token field")
+    if len(set(fields)) != len(fields):
+        raise ValueError(f"fields has duplicates: {fields}")
+    for f in fields:
+        if f not in vocab_sizes:
+            raise ValueError(f"field {f!r} has no vocabulary size; known fields: {sorted(vocab_sizes)}")
+        if vocab_sizes[f] <= EOS:
+            raise ValueError(f"vocab size of {f!r} is {vocab_sizes[f]}; it must cover the reserved ids 0..{EOS}")

@@ -1,0 +1,91 @@
+"""Methods by name: the config dataclass of each and where its LightningModule lives.
+
+Kept free of torch and lightning imports so `--help` and config errors answer fast; the
+module class is imported only when a run builds it. tests/test_registry.py keeps this
+table, the classes and experiments/configs/model/*.yaml in sync.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class GRUAutoencoderConfig:
+    """GRU autoencoder of "Encode Me If You Can": reconstructs every field of the sequence from one vector."""
+
+    name: str = "gru_autoencoder"
+    """Method name (registry key)."""
+    fields: list[str] | None = None
+    """Event fields to embed and reconstruct (null: every categorical and numeric field; 'event_type' means the schema's)."""
+    time: str = "none"
+    """Time index field added to the input: none | day | week."""
+    emb_dim: int = 64
+    """Embedding size per field."""
+    hidden: int = 128
+    """GRU hidden size = user embedding size."""
+    layers: int = 2
+    """Stacked GRU layers in encoder and decoder."""
+    dropout: float = 0.1
+    """Dropout between GRU layers."""
+    combine: str = "sum"
+    """How field embeddings form the event vector: sum | concat."""
+    lr: float = 1e-3
+    """Learning rate (Adam)."""
+    weight_decay: float = 0.0
+    """Weight decay."""
+
+
+@dataclass
+class ModelEntry:
+    config: type
+    target: str  # "module:Class" of the LightningModule
+    builder: str  # name of the function below that turns (config, prepared data) into constructor kwargs
+
+
+MODELS: dict[str, ModelEntry] = {
+    "gru_autoencoder": ModelEntry(GRUAutoencoderConfig, "lit_modules.gru_autoencoder:GRUAutoencoder", "sequence_fields_kwargs"),
+}
+
+
+def resolve_fields(requested: list[str] | None, time: str, schema: Any, vocab_sizes: dict[str, int]) -> list[str]:
+    """Model field list from config: null means every event token field; 'event_type' names the schema's."""
+    from datamodules.schema import DAY_FIELD, WEEK_FIELD
+
+    event_fields = [f for f in vocab_sizes if f not in (DAY_FIELD, WEEK_FIELD)]
+    if requested is None:
+        fields = event_fields
+    else:
+        fields = []
+        for name in requested:
+            if name == "event_type" and "event_type" not in vocab_sizes:
+                if schema.event_type is None:
+                    raise ValueError("model.fields: 'event_type' asked for, but the data schema has no event_type")
+                name = schema.event_type
+            if name not in vocab_sizes:
+                raise ValueError(f"model.fields: {name!r} is not a token field of this data; fields are {sorted(vocab_sizes)}")
+            fields.append(name)
+    if time not in ("none", DAY_FIELD, WEEK_FIELD):
+        raise ValueError(f"model.time: {time!r}; choose none, day or week")
+    return ([time] if time != "none" else []) + fields
+
+
+def sequence_fields_kwargs(cfg: dict, prepared: Any) -> dict:
+    kwargs = {k: v for k, v in cfg.items() if k not in ("name", "time")}
+    kwargs["fields"] = resolve_fields(cfg["fields"], cfg["time"], prepared.schema, prepared.store.vocab_sizes)
+    kwargs["vocab_sizes"] = {f: prepared.store.vocab_sizes[f] for f in kwargs["fields"]}
+    return kwargs
+
+
+def build_module(cfg: Any, prepared: Any):
+    """Instantiate the LightningModule named by cfg.name for this data."""
+    entry = MODELS[cfg["name"] if isinstance(cfg, dict) else cfg.name]
+    plain = asdict(cfg) if not isinstance(cfg, dict) else dict(cfg)
+    module_name, cls_name = entry.target.split(":")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    return cls(**globals()[entry.builder](plain, prepared))
+
+
+__all__ = ["MODELS", "GRUAutoencoderConfig", "build_module", "field"]

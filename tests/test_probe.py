@@ -1,0 +1,242 @@
+"""Probe metrics against sklearn/scipy, the probe on synthetic embeddings, and the callback inside a real Trainer."""
+
+from __future__ import annotations
+
+import csv
+
+import lightning.pytorch as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from scipy.stats import ks_2samp
+from sklearn.metrics import roc_auc_score
+
+from callbacks.metrics import ks_statistic, macro_ovr, roc_auc
+from callbacks.probe import LinearProbe, embed_all, probe_embeddings
+from datamodules.sequences import Collator, LengthBucketBatchSampler, SequenceStore, UserIndexDataset
+from datamodules.targets import EVAL, FIT, UNLABELLED, Target
+
+
+# ---------------------------------------------------------------- metrics
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_binary_metrics_match_sklearn_and_scipy_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, 300)
+    scores = rng.integers(0, 6, 300) + 0.5 * y  # few distinct values: many ties, some signal
+    assert roc_auc(y, scores) == pytest.approx(roc_auc_score(y, scores), abs=1e-12)
+    assert ks_statistic(y, scores) == pytest.approx(ks_2samp(scores[y == 1], scores[y == 0]).statistic, abs=1e-12)
+
+
+def test_binary_metrics_known_values():
+    y = np.array([0, 0, 1, 1])
+    assert roc_auc(y, [0.1, 0.2, 0.3, 0.4]) == 1.0
+    assert roc_auc(y, [0.4, 0.3, 0.2, 0.1]) == 0.0
+    assert roc_auc(y, [0.5, 0.5, 0.5, 0.5]) == 0.5
+    assert ks_statistic(y, [0.1, 0.2, 0.3, 0.4]) == 1.0
+    assert ks_statistic(y, [0.5, 0.5, 0.5, 0.5]) == 0.0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_macro_ovr_auc_matches_sklearn(seed):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 4, 400)
+    logits = rng.normal(size=(400, 4)) + np.eye(4)[y] * 0.8
+    logits = np.round(logits, 1)  # ties
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    want = roc_auc_score(y, probs, multi_class="ovr", average="macro")
+    assert macro_ovr(y, probs, roc_auc) == pytest.approx(want, abs=1e-12)
+
+
+def test_one_class_raises():
+    with pytest.raises(ValueError, match="only one class"):
+        roc_auc(np.ones(5), np.arange(5.0))
+    with pytest.raises(ValueError, match="only one class"):
+        ks_statistic(np.zeros(5), np.arange(5.0))
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        macro_ovr(np.full(5, 2), np.full((5, 3), 1 / 3), roc_auc)
+
+
+# ---------------------------------------------------------------- probe_embeddings
+
+
+def make_target(name: str, labels: np.ndarray, kind: str, n_classes: int, seed: int = 0) -> Target:
+    rng = np.random.default_rng(seed)
+    split = rng.choice([FIT, EVAL, UNLABELLED], size=len(labels), p=[0.5, 0.4, 0.1]).astype(np.int8)
+    labels = np.where(split == UNLABELLED, -1, labels).astype(np.int64)
+    return Target(name=name, kind=kind, labels=labels, classes=[str(k) for k in range(n_classes)], split=split)
+
+
+def test_probe_separable_vs_noise_and_keys():
+    rng = np.random.default_rng(0)
+    n = 2000
+    yb = rng.integers(0, 2, n)
+    ym = rng.integers(0, 3, n)
+    binary, multi = make_target("churn", yb, "binary", 2), make_target("segment", ym, "multiclass", 3, seed=1)
+    noise = rng.normal(size=(n, 8)).astype(np.float32)
+    signal = noise.copy()
+    signal[:, 0] += 4 * yb
+    signal[:, 1:4] += 4 * np.eye(3)[ym]
+
+    good = probe_embeddings(signal, [binary, multi])
+    assert set(good) == {"probe/churn/auc", "probe/churn/ks", "probe/segment/auc", "probe/segment/ks"}
+    assert all(isinstance(v, float) for v in good.values())
+    assert good["probe/churn/auc"] > 0.9 and good["probe/segment/auc"] > 0.9
+    assert good["probe/churn/ks"] > 0.7 and good["probe/segment/ks"] > 0.7
+
+    chance = probe_embeddings(noise, [binary, multi])
+    assert abs(chance["probe/churn/auc"] - 0.5) < 0.1
+    assert abs(chance["probe/segment/auc"] - 0.5) < 0.1
+    assert chance["probe/churn/ks"] < 0.2
+
+
+def test_probe_uses_only_fit_rows_for_training():
+    # Labels are readable from the embedding on EVAL rows only if the probe was trained on FIT rows;
+    # FIT rows carry the flipped relation, so leaking EVAL into training would not give AUC near 0.
+    rng = np.random.default_rng(0)
+    n = 1000
+    y = rng.integers(0, 2, n)
+    t = make_target("t", y, "binary", 2)
+    x = rng.normal(size=(n, 2)).astype(np.float32)
+    x[:, 0] += np.where(t.split == FIT, 3 * y, 3 * (1 - y))
+    assert probe_embeddings(x, [t])["probe/t/auc"] < 0.1
+
+
+def test_probe_non_finite_raises_with_target_and_count():
+    rng = np.random.default_rng(0)
+    t = make_target("churn", rng.integers(0, 2, 200), "binary", 2)
+    x = rng.normal(size=(200, 4))
+    rows = np.flatnonzero(t.split == FIT)[:3]
+    x[rows, 1] = np.nan
+    x[rows[0], 2] = np.inf
+    with pytest.raises(ValueError, match=r"'churn'.* 4 non-finite"):
+        probe_embeddings(x, [t])
+
+
+# ---------------------------------------------------------------- embed_all
+
+
+def make_store(n_users: int = 37, seed: int = 0) -> SequenceStore:
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 9, n_users)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    n = int(offsets[-1])
+    return SequenceStore(
+        user_ids=np.arange(n_users),
+        offsets=offsets,
+        tokens={"a": rng.integers(5, 20, n).astype(np.int32)},
+        values={"v": rng.normal(size=n).astype(np.float32)},
+        times=np.sort(rng.integers(0, 10**7, n)).astype(np.int64),
+        vocab_sizes={"a": 20},
+    )
+
+
+def shuffled_loader(store: SequenceStore, batch_size: int = 5, seed: int = 0) -> torch.utils.data.DataLoader:
+    sampler = LengthBucketBatchSampler(store.lengths, batch_size=batch_size, shuffle=True, seed=seed, pool_batches=2)
+    return torch.utils.data.DataLoader(
+        UserIndexDataset(np.arange(len(store))), batch_sampler=sampler, collate_fn=Collator(store)
+    )
+
+
+class KnownEmbed(L.LightningModule):
+    """embed(batch) = [index, length, token sum]: each row says which user it came from."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 3)
+        self.calls: list[tuple[bool, bool]] = []
+        self.order: list[np.ndarray] = []
+
+    def embed(self, batch: dict) -> torch.Tensor:
+        self.calls.append((self.training, torch.is_grad_enabled()))
+        self.order.append(batch["index"].numpy())
+        return torch.stack([batch["index"].float(), batch["lengths"].float(), batch["tokens"]["a"].sum(1).float()], 1)
+
+
+def test_embed_all_places_rows_by_index():
+    store = make_store()
+    module = KnownEmbed()
+    module.train()
+    out = embed_all(module, shuffled_loader(store))
+
+    seen = np.concatenate(module.order)
+    assert not np.array_equal(seen, np.arange(len(store)))  # the batches really came shuffled
+    token_sums = np.add.reduceat(store.tokens["a"].astype(np.int64), store.offsets[:-1])
+    want = np.column_stack([np.arange(len(store)), store.lengths, token_sums]).astype(np.float32)
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, want)
+    assert all(c == (False, False) for c in module.calls)  # eval mode, no grad while embedding
+    assert module.training  # training mode restored
+
+
+def test_embed_all_rejects_missing_rows():
+    store = make_store()
+    rows = UserIndexDataset(np.arange(1, len(store)))  # row 0 missing
+    loader = torch.utils.data.DataLoader(rows, batch_size=8, collate_fn=Collator(store))
+    with pytest.raises(ValueError, match="exactly once"):
+        embed_all(KnownEmbed(), loader)
+
+
+# ---------------------------------------------------------------- LinearProbe in a Trainer
+
+
+class TinyModel(L.LightningModule):
+    """A trainable linear map of (log length, mean token id)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 4)
+
+    def embed(self, batch: dict) -> torch.Tensor:
+        lengths = batch["lengths"].float()
+        feats = torch.stack([lengths.log1p(), batch["tokens"]["a"].float().sum(1) / lengths], 1)
+        return self.lin(feats)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self.embed(batch).pow(2).mean()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.log("val_loss", self.embed(batch).pow(2).mean(), batch_size=len(batch["index"]))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def run_probe_fit(tmp_path, every_n_epochs: int | None, max_epochs: int) -> tuple[LinearProbe, list[dict]]:
+    store = make_store(n_users=200)
+    target = make_target("long", (store.lengths > np.median(store.lengths)).astype(np.int64), "binary", 2)
+    probe = LinearProbe([target], lambda: shuffled_loader(store, batch_size=32, seed=1), every_n_epochs=every_n_epochs)
+    trainer = L.Trainer(
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        logger=CSVLogger(tmp_path),
+        log_every_n_steps=1,
+        callbacks=[probe],
+    )
+    loader = shuffled_loader(store, batch_size=32)
+    trainer.fit(TinyModel(), train_dataloaders=loader, val_dataloaders=shuffled_loader(store, batch_size=64))
+    with open(trainer.logger.log_dir + "/metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return probe, rows
+
+
+def test_linear_probe_logs_at_fit_end(tmp_path):
+    probe, rows = run_probe_fit(tmp_path, every_n_epochs=None, max_epochs=1)
+    assert set(probe.results) == {"probe/long/auc", "probe/long/ks"}
+    assert probe.embeddings is not None and probe.embeddings.shape == (200, 4)
+    logged = [r for r in rows if r.get("probe/long/auc")]
+    assert len(logged) == 1
+    assert float(logged[0]["probe/long/auc"]) == pytest.approx(probe.results["probe/long/auc"])
+    assert float(logged[0]["probe/long/ks"]) == pytest.approx(probe.results["probe/long/ks"])
+    assert probe.results["probe/long/auc"] > 0.9  # the label is a threshold on a feature the model sees
+
+
+def test_linear_probe_every_n_epochs_skips_sanity_check(tmp_path):
+    _, rows = run_probe_fit(tmp_path, every_n_epochs=1, max_epochs=2)
+    logged = [r for r in rows if r.get("probe/long/auc")]
+    assert len(logged) == 3  # end of validation epochs 0 and 1, then fit end; not the sanity check
