@@ -90,7 +90,7 @@ def read_labels(path: Path, user: str, columns: Sequence[str], separator: str | 
     row = first_row(frame, pl.col(user).is_null())
     if row is not None:
         raise DataError(f"{path}: column {user!r}, row {row}: null user")
-    row = first_row(frame, pl.col(user).cast(pl.String).is_duplicated())
+    row = first_row(frame, ~pl.col(user).cast(pl.String).is_first_distinct())
     if row is not None:
         raise DataError(f"{path}: column {user!r}, row {row}: user appears more than once in the labels")
     keep = [pl.col(c) for c in dict.fromkeys(columns) if c != user]

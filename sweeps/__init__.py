@@ -1,0 +1,1 @@
+"""Optuna studies around experiments.run (issue 5: not built yet)."""

@@ -1,0 +1,86 @@
+"""Config composition: presets, overrides, unknown keys, --help without heavy imports."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from experiments.config import CONFIG_DIR, ConfigError, compose, presets
+from lit_modules.registry import MODELS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", presets("experiment"))
+def test_every_experiment_composes(name):
+    extra = ["data.path=/dev/null"] if "generic" in name else []
+    cfg = compose([f"experiment={name}", *extra])
+    assert cfg.experiment == name and cfg.model.name in MODELS
+
+
+@pytest.mark.parametrize("name", presets("model"))
+def test_every_model_preset_names_a_registered_method(name):
+    raw = yaml.safe_load((CONFIG_DIR / "model" / f"{name}.yaml").read_text())
+    assert raw["name"] in MODELS
+    cfg = compose([f"model={name}"])
+    assert cfg.model.name == raw["name"]
+
+
+def test_registry_and_model_configs_in_sync():
+    used = {yaml.safe_load(p.read_text())["name"] for p in (CONFIG_DIR / "model").glob("*.yaml")}
+    assert used == set(MODELS), "every registered method needs a model preset, and every preset a registered method"
+    for name, entry in MODELS.items():
+        assert entry.config().name == name
+        module, cls = entry.target.split(":")
+        assert (ROOT / (module.replace(".", "/") + ".py")).is_file()
+
+
+def test_precedence_preset_then_experiment_then_cli():
+    assert compose([]).trainer.max_epochs == yaml.safe_load((CONFIG_DIR / "trainer" / "cpu.yaml").read_text())["max_epochs"]
+    assert compose(["trainer.max_epochs=3"]).trainer.max_epochs == 3
+    assert compose(["model=gru_ae_all"]).model.time == "none"
+    assert compose(["model=gru_ae_all", "model.hidden=8"]).model.hidden == 8
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["model.hiden=3"], "unknown config key 'model.hiden'; did you mean 'model.hidden'?"),
+        (["data.batchsize=3"], "did you mean 'data.batch_size'?"),
+        (["trainr.max_epochs=3"], "did you mean 'trainer'?"),
+        (["data.targets=[{name: a, knd: binary}]"], "unknown config key 'data.targets.0.knd'; did you mean 'data.targets.0.kind'?"),
+        (["experiment=gru_ae_ml10k"], "did you mean 'gru_ae_ml100k'?"),
+        (["model=gru_ae_al"], "did you mean 'gru_ae_all'?"),
+        (["model.name=gru_autoencodr"], "did you mean 'gru_autoencoder'?"),
+        (["trainer.max_epochs=abc"], "trainer.max_epochs"),
+        (["experiment=gru_ae_generic_csv"], "'data.path' has no value"),
+        (["max_epochs"], "expected key=value"),
+    ],
+)
+def test_bad_configs_name_the_key(args, message):
+    with pytest.raises(ConfigError) as info:
+        compose(args)
+    assert message in str(info.value)
+
+
+def test_help_is_fast_and_imports_nothing_heavy():
+    code = (
+        "import sys, io, contextlib\n"
+        "from experiments.run import main\n"
+        "out = io.StringIO()\n"
+        "with contextlib.redirect_stdout(out): rc = main(['--help'])\n"
+        "heavy = [m for m in ('torch', 'lightning', 'wandb', 'transformers', 'sklearn') if m in sys.modules]\n"
+        "print(rc, heavy, 'model.hidden' in out.getvalue(), 'gru_ae_ml100k' in out.getvalue())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "0 [] True True"
+
+
+def test_config_error_exit_code_and_message():
+    result = subprocess.run([sys.executable, "-m", "experiments.run", "model.hiden=3"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "config error: unknown config key 'model.hiden'; did you mean 'model.hidden'?" in result.stderr

@@ -1,0 +1,171 @@
+"""Preprocessing: vocabularies and reserved ids, ordering, truncation, time index, cache, targets."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import numpy as np
+import polars as pl
+
+from datamodules.config import TargetConfig
+from datamodules.preprocess import prepare
+from datamodules.schema import DAY_FIELD, FIRST_ID, MISSING, RARE, WEEK_FIELD
+from tests.conftest import generic_config
+
+
+def write(tmp_path, rows, name="events.csv"):
+    frame = pl.DataFrame(rows, schema=["client", "ts", "event_type", "merchant", "amount", "description"], orient="row")
+    frame.write_csv(tmp_path / name)
+    return tmp_path / name
+
+
+def test_vocab_reserved_ids_rare_and_missing(tmp_path):
+    # 'a' x3, 'b' x2, 'c' x1 on one training user; top_k=2 keeps a, b; c is rare; empty is missing.
+    rows = [("u1", f"2024-01-0{i + 1} 00:00:00", "buy", m, 1.0, "x") for i, m in enumerate(["a", "a", "a", "b", "b", "c"])]
+    rows.append(("u1", "2024-01-08 00:00:00", "buy", None, 1.0, "x"))
+    cfg = generic_config(write(tmp_path, rows), None, tmp_path / "cache", top_k=2, val_fraction=0.0)
+    p = prepare(cfg)
+    assert p.vocabs["merchant"] == ["a", "b"]
+    assert p.store.vocab_sizes["merchant"] == FIRST_ID + 2
+    assert p.store.tokens["merchant"].tolist() == [5, 5, 5, 6, 6, RARE, MISSING]
+
+
+def test_vocab_fitted_on_training_users_only(tmp_path):
+    rows = [(f"u{u}", "2024-01-01 00:00:00", "buy", f"m{u}", 1.0, "x") for u in range(50)]
+    cfg = generic_config(write(tmp_path, rows), None, tmp_path / "cache", val_fraction=0.3)
+    p = prepare(cfg)
+    assert 0 < p.is_val.sum() < 50
+    val_rows = np.flatnonzero(p.is_val)
+    # every val user's merchant is unique to them, so it was never seen in training: rare
+    assert all(p.store.tokens["merchant"][p.store.offsets[r]] == RARE for r in val_rows)
+    assert set(p.vocabs["merchant"]) == {f"m{u}" for u, v in zip(p.store.user_ids, p.is_val) if not v for u in [u[1:]]}
+
+
+def test_order_ties_and_truncation(tmp_path):
+    # out-of-order file rows, two events at the same second (file order kept), max_len 3 keeps the last three
+    rows = [
+        ("u1", "2024-01-05 00:00:00", "buy", "e", 5.0, "x"),
+        ("u1", "2024-01-01 00:00:00", "buy", "a", 1.0, "x"),
+        ("u1", "2024-01-03 00:00:00", "buy", "c1", 3.0, "x"),
+        ("u1", "2024-01-03 00:00:00", "buy", "c2", 3.5, "x"),
+        ("u1", "2024-01-02 00:00:00", "buy", "b", 2.0, "x"),
+    ]
+    cfg = generic_config(write(tmp_path, rows), None, tmp_path / "cache", max_len=3, val_fraction=0.0)
+    p = prepare(cfg)
+    inverse = {i + FIRST_ID: v for i, v in enumerate(p.vocabs["merchant"])}
+    assert [inverse[t] for t in p.store.tokens["merchant"]] == ["c1", "c2", "e"]
+    assert p.store.values["amount"].tolist() == [3.0, 3.5, 5.0]
+    assert p.meta["counts"]["truncated_events"] == 2
+
+
+def test_day_and_week_index(tmp_path):
+    rows = [("u1", d, "buy", "a", 1.0, "x") for d in ["2024-01-01 10:00:00", "2024-01-02 09:00:00", "2024-01-09 12:00:00", "2024-01-20 00:00:00"]]
+    cfg = generic_config(write(tmp_path, rows), None, tmp_path / "cache", val_fraction=0.0)
+    p = prepare(cfg)
+    days = p.store.tokens[DAY_FIELD] - FIRST_ID
+    assert days.tolist() == [0, 0, 8, 18]  # whole days since the first event
+    assert (p.store.tokens[WEEK_FIELD] - FIRST_ID).tolist() == [0, 0, 1, 2]
+    assert p.store.vocab_sizes[DAY_FIELD] == FIRST_ID + 19
+
+
+def test_numeric_buckets_keep_raw_value(tmp_path):
+    rows = [("u1", f"2024-01-{i + 1:02d} 00:00:00", "buy", "a", float(i), "x") for i in range(20)]
+    rows.append(("u1", "2024-01-25 00:00:00", "buy", "a", None, "x"))
+    cfg = generic_config(write(tmp_path, rows), None, tmp_path / "cache", val_fraction=0.0)
+    p = prepare(cfg)
+    tok = p.store.tokens["amount"]
+    assert tok[-1] == MISSING and np.isnan(p.store.values["amount"][-1])
+    assert (np.diff(tok[:-1]) >= 0).all() and tok[0] == FIRST_ID and tok[-2] == FIRST_ID + 3  # 4 quantile buckets
+    assert p.store.values["amount"][:3].tolist() == [0.0, 1.0, 2.0]
+
+
+def test_duplicates_dropped_and_counted(tmp_path):
+    row = ("u1", "2024-01-01 00:00:00", "buy", "a", 1.0, "x")
+    cfg = generic_config(write(tmp_path, [row, row, row]), None, tmp_path / "cache", val_fraction=0.0)
+    p = prepare(cfg)
+    assert p.store.n_events == 1 and p.meta["counts"]["duplicate_events"] == 2
+
+
+def test_cache_reused_and_keyed_by_content(tmp_path, csv_data):
+    events, labels = csv_data
+    cfg = generic_config(events, labels, tmp_path / "cache")
+    first = prepare(cfg)
+    stamp = (first.path / "users.parquet").stat().st_mtime_ns
+    again = prepare(cfg)
+    assert again.path == first.path and (again.path / "users.parquet").stat().st_mtime_ns == stamp
+    # batch size does not change the sequences, so it shares the cache; max_len does not
+    cfg.batch_size = 7
+    assert prepare(cfg).path == first.path
+    cfg.max_len = 5
+    assert prepare(cfg).path != first.path
+    # editing the file changes the content hash
+    cfg.max_len = 128
+    events.write_text(events.read_text().replace("grocery_1", "grocery_9"))
+    assert prepare(cfg).path != first.path
+    assert not list((tmp_path / "cache").glob(".*tmp*"))
+
+
+def test_corrupt_cache_is_rebuilt(tmp_path, csv_data, caplog):
+    events, labels = csv_data
+    cfg = generic_config(events, labels, tmp_path / "cache")
+    p = prepare(cfg)
+    meta = json.loads((p.path / "meta.json").read_text())
+    meta["key"] = "something else"
+    (p.path / "meta.json").write_text(json.dumps(meta))
+    with caplog.at_level("INFO", logger="datamodules.preprocess"):
+        again = prepare(cfg)
+    assert "key or version mismatch" in caplog.text
+    assert json.loads((again.path / "meta.json").read_text())["key"] == p.meta["key"]
+
+
+def test_static_and_future_targets(tmp_path, csv_data):
+    events, labels = csv_data
+    cfg = generic_config(events, labels, tmp_path / "cache", cutoff="2024-02-10", window_days=10)
+    cfg.targets = [
+        TargetConfig("segment", "binary", positive="traveller"),
+        TargetConfig("age", "above_median"),
+        TargetConfig("churn", "churn"),
+        TargetConfig("refunds", "propensity", field="event_type", value="refund"),
+    ]
+    p = prepare(cfg)
+    frame = pl.read_csv(events, try_parse_dates=True)
+    cutoff, end = dt.datetime(2024, 2, 10), dt.datetime(2024, 2, 20)
+    assert p.store.times.max() < cutoff.replace(tzinfo=dt.timezone.utc).timestamp()
+    window = frame.filter((pl.col("ts") >= cutoff) & (pl.col("ts") < end))
+    targets = {t.name: t for t in p.targets}
+    users = list(p.store.user_ids)
+    for i, u in enumerate(users):
+        active = u in set(window["client"])
+        assert targets["churn"].labels[i] == (0 if active else 1)
+        refund = u in set(window.filter(pl.col("event_type") == "refund")["client"])
+        assert targets["refunds"].labels[i] == ((1 if refund else 0) if active else -1)
+        assert targets["segment"].labels[i] == int(u[1:]) % 2
+    ages = np.array([20 + int(u[1:]) for u in users])
+    assert (targets["age"].labels == (ages > np.median(ages))).all()
+
+
+def test_target_split_is_stratified_and_seeded(tmp_path, csv_data):
+    events, labels = csv_data
+    p = prepare(generic_config(events, labels, tmp_path / "cache"))
+    (t,) = p.targets
+    for cls in (0, 1):
+        rows = t.labels == cls
+        assert abs((t.split[rows] == 0).sum() - (t.split[rows] == 1).sum()) <= 1
+    again = prepare(generic_config(events, labels, tmp_path / "cache"))
+    assert (again.targets[0].split == t.split).all()
+    other = prepare(generic_config(events, labels, tmp_path / "cache2"), seed=1)
+    assert not (other.targets[0].split == t.split).all()
+
+
+def test_ml100k_source(ml100k_cache):
+    from experiments.config import compose, to_dataclass
+    from datamodules.config import DataConfig
+
+    cfg = to_dataclass(compose([f"data.cache_dir={ml100k_cache}"]).data, DataConfig)
+    p = prepare(cfg)
+    assert p.meta["counts"]["raw_events"] == 100_000
+    assert p.meta["counts"]["missing_year"] > 0  # the real file has years like 'V'
+    assert {t.name for t in p.targets} >= {"gender", "age", "churn"}
+    assert p.schema.event_type == "rating" and sorted(p.vocabs["rating"]) == ["1", "2", "3", "4", "5"]
+    assert (p.store.lengths <= cfg.max_len).all() and (p.store.lengths >= 1).all()
