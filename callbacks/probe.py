@@ -16,6 +16,8 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from callbacks.metrics import ks_statistic, macro_ovr, roc_auc
 from datamodules.targets import EVAL, FIT, Target
 
+CV_GRID = [1e-3, 1e-2, 1e-1, 1.0, 10.0]  # C candidates when the probe picks C itself
+
 
 def _module_device(module: torch.nn.Module) -> torch.device:
     """LightningModules know their device; a plain nn.Module is wherever its first parameter is."""
@@ -60,15 +62,18 @@ def embed_all(module: torch.nn.Module, dataloader: Iterable[dict]) -> np.ndarray
 def probe_embeddings(
     embeddings: np.ndarray,
     targets: Sequence[Target],
-    C: float = 1.0,
+    C: float | None = None,
     seed: int = 0,
     max_iter: int = 1000,
 ) -> dict[str, float]:
     """Fit StandardScaler + LogisticRegression on each target's FIT rows; AUC and KS on its EVAL rows.
 
+    C=None picks the L2 strength per target by stratified 5-fold cross-validation on the FIT
+    rows alone (ROC-AUC over CV_GRID), so EVAL users never influence the probe.
     Returns {"probe/<target>/auc", "probe/<target>/ks"} per target (multiclass: macro one-vs-rest).
     """
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+    from sklearn.model_selection import StratifiedKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
@@ -93,7 +98,15 @@ def probe_embeddings(
         if len(np.unique(y_fit)) < 2:
             raise ValueError(f"target {t.name!r}: FIT users hold {len(np.unique(y_fit))} classes; the probe needs 2+")
 
-        model = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter, random_state=seed))
+        if C is None:
+            folds = StratifiedKFold(min(5, int(np.bincount(y_fit).min()) or 2), shuffle=True, random_state=seed)
+            scoring = "roc_auc" if t.kind == "binary" else "roc_auc_ovr"
+            head = LogisticRegressionCV(
+                Cs=CV_GRID, l1_ratios=(0.0,), cv=folds, scoring=scoring, max_iter=max_iter, random_state=seed, use_legacy_attributes=False
+            )
+        else:
+            head = LogisticRegression(C=C, max_iter=max_iter, random_state=seed)
+        model = make_pipeline(StandardScaler(), head)
         model.fit(x[fit], y_fit)
         # Columns follow the target's classes, so a class missing from FIT scores 0 rather than shifting columns.
         probs = np.zeros((int(ev.sum()), len(t.classes)))
@@ -116,6 +129,8 @@ class LinearProbe(L.Callback):
 
     dataloader_fn is called each time (e.g. datamodule.predict_dataloader) so it always sees
     the current data setup. Results go to self.results / self.embeddings and to every logger.
+    With at_fit_end=False the caller probes when it chooses (e.g. after loading the best
+    checkpoint) by calling `probe(trainer, module)`.
     """
 
     def __init__(
@@ -123,8 +138,10 @@ class LinearProbe(L.Callback):
         targets: Sequence[Target],
         dataloader_fn: Callable[[], Iterable[dict]],
         every_n_epochs: int | None = None,
-        C: float = 1.0,
+        C: float | None = None,
         seed: int = 0,
+        max_iter: int = 1000,
+        at_fit_end: bool = True,
     ):
         if every_n_epochs is not None and every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1 or None, got {every_n_epochs}")
@@ -133,6 +150,8 @@ class LinearProbe(L.Callback):
         self.every_n_epochs = every_n_epochs
         self.C = C
         self.seed = seed
+        self.max_iter = max_iter
+        self.at_fit_end = at_fit_end
         self.results: dict[str, float] = {}
         self.embeddings: np.ndarray | None = None
 
@@ -140,12 +159,13 @@ class LinearProbe(L.Callback):
         if self.every_n_epochs is None or trainer.sanity_checking:
             return
         if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
-            self._probe(trainer, pl_module)
+            self.probe(trainer, pl_module)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._probe(trainer, pl_module)
+        if self.at_fit_end:
+            self.probe(trainer, pl_module)
 
-    def _probe(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def probe(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
         # The strategy has already moved the model to CPU by on_fit_end; embed on the training device.
@@ -155,6 +175,6 @@ class LinearProbe(L.Callback):
             self.embeddings = embed_all(pl_module, self.dataloader_fn())
         finally:
             pl_module.to(device)
-        self.results = probe_embeddings(self.embeddings, self.targets, C=self.C, seed=self.seed)
+        self.results = probe_embeddings(self.embeddings, self.targets, C=self.C, seed=self.seed, max_iter=self.max_iter)
         for logger in trainer.loggers:
             logger.log_metrics(self.results, step=trainer.global_step)

@@ -105,6 +105,7 @@ def write_embeddings(path: Path, user_ids, embeddings) -> None:
 def run(cfg: DictConfig) -> RunResult:
     """Fit the configured method, embed every user, probe, and write the run directory."""
     import lightning.pytorch as L
+    import torch
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
     from safetensors.torch import save_file
 
@@ -123,8 +124,17 @@ def run(cfg: DictConfig) -> RunResult:
     run_dir = make_run_dir(cfg)
     atomic_write(run_dir / "config.yaml", lambda p: OmegaConf.save(cfg, p, resolve=True))
     loggers = build_loggers(cfg, run_dir)
-    probe = LinearProbe(prepared.targets, datamodule.predict_dataloader, every_n_epochs=cfg.probe.every_n_epochs, C=cfg.probe.C, seed=cfg.seed)
-    callbacks = [probe, ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/loss", save_last=True)]
+    probe = LinearProbe(
+        prepared.targets,
+        datamodule.predict_dataloader,
+        every_n_epochs=cfg.probe.every_n_epochs,
+        C=cfg.probe.C,
+        seed=cfg.seed,
+        max_iter=cfg.probe.max_iter,
+        at_fit_end=False,
+    )
+    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/loss", save_last=True)
+    callbacks = [probe, checkpoint]
     if cfg.trainer.early_stopping_patience is not None:
         callbacks.append(EarlyStopping(monitor="val/loss", patience=cfg.trainer.early_stopping_patience))
     t = cfg.trainer
@@ -149,6 +159,10 @@ def run(cfg: DictConfig) -> RunResult:
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
     fit_seconds = time.perf_counter() - started
+    if checkpoint.best_model_path:  # embed with the weights of the best val/loss epoch, as early stopping intends
+        state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
+        module.load_state_dict(state)
+    probe.probe(trainer, module)
 
     rows = {cfg.model.name: dict(probe.results)}
     rows.update({f"baseline/{k}": v for k, v in baseline_rows(cfg, prepared, prepared.targets, probe.embeddings.shape[1]).items()})
@@ -161,11 +175,14 @@ def run(cfg: DictConfig) -> RunResult:
             metrics[key] = float(trainer.callback_metrics[key])
     metrics["time/fit_seconds"] = fit_seconds
     metrics["epochs"] = trainer.current_epoch
+    if checkpoint.best_model_score is not None:
+        metrics["val/loss_best"] = float(checkpoint.best_model_score)
     metrics.update({f"data/{k}": v for k, v in prepared.meta["counts"].items()})
 
     summary = {}
-    for lg in trainer.loggers:
+    for lg in trainer.loggers:  # fit has ended: the probe and baselines are logged after it, then flushed
         lg.log_metrics({k: v for k, v in metrics.items() if k.startswith("baseline/")}, step=trainer.global_step)
+        lg.save()
         if type(lg).__name__ == "WandbLogger":
             summary = dict(lg.experiment.summary)
             lg.experiment.finish()

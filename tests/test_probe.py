@@ -104,6 +104,36 @@ def test_probe_uses_only_fit_rows_for_training():
     assert probe_embeddings(x, [t])["probe/t/auc"] < 0.1
 
 
+@pytest.mark.parametrize("C", [None, 0.05])
+def test_probe_matches_sklearn_fit_on_fit_rows_only(C):
+    # The reported AUC equals a pipeline fitted by hand on FIT rows; with C=None that includes
+    # choosing C by CV on FIT rows, so changing EVAL labels cannot change the fitted probe.
+    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from callbacks.probe import CV_GRID
+
+    rng = np.random.default_rng(3)
+    n = 600
+    y = rng.integers(0, 2, n)
+    x = rng.normal(size=(n, 20)).astype(np.float32)
+    x[:, 0] += 0.8 * y
+    t = make_target("t", y, "binary", 2)
+    fit, ev = t.split == FIT, t.split == EVAL
+    if C is None:
+        folds = StratifiedKFold(5, shuffle=True, random_state=0)
+        head = LogisticRegressionCV(Cs=CV_GRID, l1_ratios=(0.0,), cv=folds, scoring="roc_auc", max_iter=1000, random_state=0, use_legacy_attributes=False)
+    else:
+        head = LogisticRegression(C=C, max_iter=1000, random_state=0)
+    model = make_pipeline(StandardScaler(), head).fit(x[fit], t.labels[fit])
+    expected = roc_auc_score(t.labels[ev], model.predict_proba(x[ev])[:, 1])
+    assert probe_embeddings(x, [t], C=C)["probe/t/auc"] == pytest.approx(expected)
+    flipped = Target("t", "binary", np.where(ev, 1 - t.labels, t.labels), t.classes, t.split)
+    assert probe_embeddings(x, [flipped], C=C)["probe/t/auc"] == pytest.approx(1 - expected)
+
+
 def test_probe_non_finite_raises_with_target_and_count():
     rng = np.random.default_rng(0)
     t = make_target("churn", rng.integers(0, 2, 200), "binary", 2)
