@@ -37,6 +37,7 @@ class FieldSpec:
     column: str | None = None  # source column, defaults to `name`
     top_k: int | None = None  # categorical: vocabulary size cap (None: data.top_k)
     n_buckets: int | None = None  # numeric: quantile buckets (None: data.n_buckets)
+    length: int | None = None  # codes: how many integer codes each event carries
 
     @property
     def source_column(self) -> str:
@@ -60,6 +61,8 @@ class EventSchema:
         for f in self.fields:
             if f.kind not in FIELD_KINDS:
                 raise ValueError(f"schema: field {f.name!r} has kind {f.kind!r}; expected one of {FIELD_KINDS}")
+            if f.kind == "codes" and not (f.length and f.length > 0):
+                raise ValueError(f"schema: codes field {f.name!r} needs a positive length")
             if f.name in (DAY_FIELD, WEEK_FIELD):
                 raise ValueError(f"schema: field name {f.name!r} is reserved for the time index")
         if self.event_type is not None and self.event_type not in names:

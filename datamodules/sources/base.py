@@ -3,6 +3,8 @@
 A source reads its own files and returns `SourceData`: one event LazyFrame with the
 columns `user_id` (String), `time` (Datetime), `_row` (1-based row in its file,
 for error messages), `_file`, and one column per schema field, named after the field.
+Column types by field kind: categorical and text String, numeric Float64 (null where
+missing), codes List(Int64) of the field's fixed length (null where the event has none).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class SourceData:
     labels: pl.DataFrame | None  # column `user_id` (String) + label columns
     files: list[Path] = field(default_factory=list)  # every file read, for the cache key
     counts: dict[str, int] = field(default_factory=dict)  # rows dropped or fixed while loading, by reason
+    relevant_users: list[str] | None = None  # users to export embeddings for (e.g. the challenge's relevant clients)
 
 
 def fingerprint(files: list[Path]) -> str:
