@@ -42,17 +42,19 @@ class TargetConfig:
     name: str = "target"
     """Metric name: probe/<name>/auc."""
     kind: str = "binary"
-    """binary | above_median | classes (static, from labels) or churn | propensity (future window)."""
+    """binary | above_median | classes (static, from labels) or churn | propensity | propensity_top (future window)."""
     column: str | None = None
     """Labels column of a static target (default: name)."""
     positive: str | None = None
     """binary: the label value that is positive (default: labels must be 0/1 or true/false)."""
     top_k: int = 4
-    """classes: keep the top_k most frequent classes, the rest become '(other)'."""
+    """classes: keep the top_k most frequent classes, the rest become '(other)'; propensity_top: the top_k values."""
     field: str | None = None
     """propensity: the event field to look at in the target window."""
     value: str | None = None
     """propensity: positive when a window event has field == value (among users active in the window)."""
+    event_type: str | None = None
+    """Future targets: only window events of this event type count (e.g. product_buy)."""
 
 
 @dataclass
@@ -73,6 +75,8 @@ class DataConfig:
     """History ends here (ISO datetime); events after it only make future-window targets."""
     cutoff_quantile: float | None = None
     """Alternative to cutoff: this quantile of all event times."""
+    cutoff_days_before_end: int | None = None
+    """Alternative to cutoff: history ends this many days before the last event (the challenge: 14)."""
     window_days: int = 30
     """Length of the future target window after the cutoff."""
     max_len: int = 128

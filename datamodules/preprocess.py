@@ -95,6 +95,8 @@ def resolve_cutoff(events: pl.LazyFrame, cfg: DataConfig) -> dt.datetime | None:
             return dt.datetime.fromisoformat(cfg.cutoff)
         except ValueError:
             raise DataError(f"data.cutoff: {cfg.cutoff!r} is not an ISO datetime such as 1998-03-01 or 1998-03-01T12:00") from None
+    if cfg.cutoff_days_before_end:
+        return events.select(pl.col("time").max()).collect().item() - dt.timedelta(days=cfg.cutoff_days_before_end)
     if cfg.cutoff_quantile is not None:
         if not 0 < cfg.cutoff_quantile < 1:
             raise DataError(f"data.cutoff_quantile: {cfg.cutoff_quantile} must be in (0, 1)")
@@ -120,10 +122,8 @@ def build(source: SourceData, cfg: DataConfig, seed: int, key: str, path: Path) 
     for t in cfg.targets:
         if t.kind not in STATIC_KINDS + FUTURE_KINDS:
             raise DataError(f"data.targets.{t.name}: unknown kind {t.kind!r}; choose from {STATIC_KINDS + FUTURE_KINDS}")
-    if any(t.kind in FUTURE_KINDS for t in cfg.targets) and not (cfg.cutoff or cfg.cutoff_quantile is not None):
-        raise DataError("data.cutoff: future-window targets (churn, propensity) need data.cutoff or data.cutoff_quantile")
-    if any(f.kind == "codes" for f in schema.fields):
-        raise DataError("data.schema.fields: 'codes' fields are not read by preprocessing yet")
+    if any(t.kind in FUTURE_KINDS for t in cfg.targets) and not (cfg.cutoff or cfg.cutoff_quantile is not None or cfg.cutoff_days_before_end):
+        raise DataError("data.cutoff: future-window targets need data.cutoff, data.cutoff_quantile or data.cutoff_days_before_end")
 
     counts = dict(source.counts)
     field_cols = [f.name for f in schema.fields]
@@ -165,6 +165,11 @@ def build(source: SourceData, cfg: DataConfig, seed: int, key: str, path: Path) 
         encoded.append(pl.when(pl.col(f.name).is_null()).then(MISSING).otherwise(bucket.cast(pl.Int32) + FIRST_ID).cast(pl.Int32).alias(f"tok_{f.name}"))
         encoded.append(pl.col(f.name).cast(pl.Float32).alias(f"val_{f.name}"))
 
+    for f in schema.of_kind("codes"):
+        encoded.append(encode_codes(history, f))
+        top = history.select(pl.col(f.name).list.max().max()).collect().item()
+        vocabs[f.name] = [str(c) for c in range(int(top) + 1)] if top is not None else []
+
     t0 = history.select(pl.col("time").min()).collect().item()
     day = (pl.col("time") - pl.lit(t0)).dt.total_days().cast(pl.Int32)
     encoded += [(day + FIRST_ID).alias(f"tok_{DAY_FIELD}"), (day // 7 + FIRST_ID).alias(f"tok_{WEEK_FIELD}")]
@@ -182,7 +187,7 @@ def build(source: SourceData, cfg: DataConfig, seed: int, key: str, path: Path) 
     counts["truncated_events"] = n_history - int(frame["time"].list.len().sum())
 
     max_day = int(frame[f"tok_{DAY_FIELD}"].list.max().max()) - FIRST_ID
-    vocab_sizes = {f.name: FIRST_ID + len(vocabs[f.name]) for f in schema.of_kind("categorical", "numeric")}
+    vocab_sizes = {f.name: FIRST_ID + len(vocabs[f.name]) for f in schema.of_kind("categorical", "numeric", "codes")}
     vocab_sizes[DAY_FIELD] = FIRST_ID + max_day + 1
     vocab_sizes[WEEK_FIELD] = FIRST_ID + max_day // 7 + 1
 
@@ -191,7 +196,7 @@ def build(source: SourceData, cfg: DataConfig, seed: int, key: str, path: Path) 
         if t.kind in STATIC_KINDS:
             label, names = static_labels(t, source.labels, frame["user_id"])
         else:
-            label, names = future_labels(t, future, frame["user_id"])
+            label, names = future_labels(t, future, frame["user_id"], schema.event_type)
         targets = targets.with_columns(label.alias(t.name))
         classes[t.name] = names
     if source.labels is not None:
@@ -205,6 +210,7 @@ def build(source: SourceData, cfg: DataConfig, seed: int, key: str, path: Path) 
         "vocabs": vocabs,
         "vocab_sizes": vocab_sizes,
         "value_fields": schema.value_fields,
+        "code_fields": [f.name for f in schema.of_kind("codes")],
         "targets": {t.name: {"kind": t.kind, "classes": classes[t.name]} for t in cfg.targets},
         "cutoff": cutoff.isoformat() if cutoff else None,
         "t0": t0.isoformat(),
@@ -216,6 +222,18 @@ def build(source: SourceData, cfg: DataConfig, seed: int, key: str, path: Path) 
         if n and reason not in ("raw_events", "history_events"):
             log.info("%s: %d %s", source.name, n, reason.replace("_", " "))
     write_atomic_dir(path, {"users.parquet": frame, "targets.parquet": targets.with_columns(is_val=pl.Series(val))}, meta)
+
+
+def encode_codes(history: pl.LazyFrame, f: FieldSpec) -> pl.Expr:
+    """Fixed-length integer codes -> ids (code + FIRST_ID) as Array[L]; an event without codes gets MISSING x L."""
+    bad = history.filter(pl.col(f.name).is_not_null() & ((pl.col(f.name).list.len() != f.length) | (pl.col(f.name).list.min() < 0)))
+    hit = bad.select("_file", "_row", pl.col(f.name).cast(pl.List(pl.String)).list.join(" ")).head(1).collect()
+    if hit.height:
+        file, row, raw = hit.row(0)
+        raise DataError(f"{file}: column {f.name!r}, row {row}: expected {f.length} non-negative codes, got [{raw}]")
+    ids = pl.col(f.name).list.eval(pl.element() + FIRST_ID).cast(pl.List(pl.Int32))
+    missing = pl.lit([MISSING] * f.length, dtype=pl.List(pl.Int32))
+    return pl.when(pl.col(f.name).is_null()).then(missing).otherwise(ids).list.to_array(f.length).alias(f"cod_{f.name}")
 
 
 def write_atomic_dir(path: Path, frames: dict[str, pl.DataFrame], meta: dict) -> None:
@@ -238,11 +256,14 @@ def load(path: Path, seed: int) -> Prepared:
     meta = json.loads((path / "meta.json").read_text())
     users = pl.read_parquet(path / "users.parquet")
     table = pl.read_parquet(path / "targets.parquet")
-    store = SequenceStore.from_frame(users, meta["vocab_sizes"], meta["value_fields"])
+    store = SequenceStore.from_frame(users, meta["vocab_sizes"], meta["value_fields"], meta["code_fields"])
     targets = []
     for name, info in meta["targets"].items():
-        labels = table[name].fill_null(-1).to_numpy().astype(np.int64)
-        kind = "binary" if len(info["classes"]) == 2 else "multiclass"
+        if info["kind"] == "propensity_top":
+            labels, kind = table[name].to_numpy().astype(np.int8), "multilabel"
+        else:
+            labels = table[name].fill_null(-1).to_numpy().astype(np.int64)
+            kind = "binary" if len(info["classes"]) == 2 else "multiclass"
         targets.append(Target(name, kind, labels, info["classes"], stratified_split(labels, seed, name)))
     s = meta["schema"]
     schema = EventSchema(s["user"], s["time"], [FieldSpec(**f) for f in s["fields"]], s["event_type"])

@@ -8,11 +8,12 @@ A batch is a dict:
     lengths  LongTensor[B]            real events per user (>= 1)
     tokens   {field: LongTensor[B,T]} vocabulary ids, right-padded with 0 (PAD)
     values   {field: FloatTensor[B,T]} raw numeric values, 0.0 at pad and where missing
+    codes    {field: LongTensor[B,T,L]} fixed-length code ids per event (codes fields), 0 at pad
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -29,7 +30,8 @@ class SequenceStore:
     tokens: dict[str, np.ndarray]  # int32 [N] per token field
     values: dict[str, np.ndarray]  # float32 [N] per numeric field, NaN where missing
     times: np.ndarray  # int64 [N], epoch seconds
-    vocab_sizes: dict[str, int]
+    vocab_sizes: dict[str, int]  # token and codes fields
+    codes: dict[str, np.ndarray] = field(default_factory=dict)  # int32 [N, L] per codes field
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -43,8 +45,10 @@ class SequenceStore:
         return int(self.offsets[-1])
 
     @classmethod
-    def from_frame(cls, users: pl.DataFrame, vocab_sizes: dict[str, int], value_fields: Sequence[str]) -> "SequenceStore":
-        """Build from the cached one-row-per-user frame (list columns `tok_<f>`, `val_<f>`, `time`)."""
+    def from_frame(
+        cls, users: pl.DataFrame, vocab_sizes: dict[str, int], value_fields: Sequence[str], code_fields: Sequence[str] = ()
+    ) -> "SequenceStore":
+        """Build from the cached one-row-per-user frame (list columns `tok_<f>`, `val_<f>`, `cod_<f>`, `time`)."""
         lengths = users["time"].list.len().to_numpy().astype(np.int64)
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
@@ -55,10 +59,11 @@ class SequenceStore:
         return cls(
             user_ids=users["user_id"].to_numpy(),
             offsets=offsets,
-            tokens={f: flat(f"tok_{f}", np.int32) for f in vocab_sizes},
+            tokens={f: flat(f"tok_{f}", np.int32) for f in vocab_sizes if f not in code_fields},
             values={f: flat(f"val_{f}", np.float32) for f in value_fields},
             times=flat("time", np.int64),
             vocab_sizes=dict(vocab_sizes),
+            codes={f: users[f"cod_{f}"].explode().to_numpy().astype(np.int32) for f in code_fields},  # Array column -> [N, L]
         )
 
 
@@ -96,11 +101,13 @@ class Collator:
         for f, arr in s.values.items():
             v = arr[gather]
             values[f] = torch.from_numpy(np.where(mask & np.isfinite(v), v, 0.0).astype(np.float32))
+        codes = {f: torch.from_numpy(np.where(mask[..., None], arr[gather], 0).astype(np.int64)) for f, arr in s.codes.items()}
         return {
             "index": torch.from_numpy(rows),
             "lengths": torch.from_numpy(lengths),
             "tokens": tokens,
             "values": values,
+            "codes": codes,
         }
 
 

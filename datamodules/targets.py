@@ -17,14 +17,14 @@ class Target:
     """One probe target. labels[u] is the class of store row u (-1: no label for that user)."""
 
     name: str
-    kind: str  # "binary" | "multiclass"
-    labels: np.ndarray  # int64 [U]
+    kind: str  # "binary" | "multiclass" | "multilabel"
+    labels: np.ndarray  # int64 [U]; multilabel: int8 [U, K] (one column per class)
     classes: list[str]  # class names; label k is classes[k] (binary: [negative, positive])
     split: np.ndarray  # int8 [U]: FIT, EVAL or UNLABELLED
 
 
 STATIC_KINDS = ("binary", "above_median", "classes")
-FUTURE_KINDS = ("churn", "propensity")
+FUTURE_KINDS = ("churn", "propensity", "propensity_top")
 TRUE_VALUES, FALSE_VALUES = {"1", "true", "True", "yes"}, {"0", "false", "False", "no"}
 
 
@@ -67,27 +67,59 @@ def static_labels(spec, labels: pl.DataFrame | None, user_ids: pl.Series) -> tup
     raise ValueError(f"not a static target kind: {spec.kind}")
 
 
-def future_labels(spec, future: pl.DataFrame, user_ids: pl.Series) -> tuple[pl.Series, list[str]]:
-    """Labels computed from the events in the target window after the cutoff."""
+def future_labels(spec, future: pl.DataFrame, user_ids: pl.Series, event_type_field: str | None) -> tuple[pl.Series, list[str]]:
+    """Labels computed from the events in the target window after the cutoff.
 
-    active = future["user_id"].unique()
+    spec.event_type restricts which window events count (e.g. only product_buy for the
+    challenge's churn and propensity); spec.field must then be an event field.
+    """
+    if spec.event_type is not None:
+        if event_type_field is None:
+            raise DataError(f"data.targets.{spec.name}: event_type {spec.event_type!r} given, but the schema has no event_type field")
+        counted = future.filter(pl.col(event_type_field).cast(pl.String) == spec.event_type)
+    else:
+        counted = future
+    active = counted["user_id"].unique()
     if spec.kind == "churn":
         return (~user_ids.is_in(active.implode())).cast(pl.Int64), ["active", "churned"]
-    if spec.field is None or spec.value is None:
-        raise DataError(f"data.targets.{spec.name}: a propensity target needs field and value")
-    if spec.field not in future.columns:
+    if spec.field is None or spec.field not in future.columns:
         raise DataError(f"data.targets.{spec.name}: field {spec.field!r} is not an event field; fields are {future.columns}")
-    hits = future.filter(pl.col(spec.field).cast(pl.String) == str(spec.value))["user_id"].unique()
+    values = counted.select("user_id", pl.col(spec.field).cast(pl.String).alias("value")).drop_nulls()
+    if spec.kind == "propensity_top":
+        top = values.group_by("value").agg(pl.col("user_id").n_unique().alias("n")).sort(["n", "value"], descending=[True, False])
+        classes = top["value"].head(spec.top_k).to_list()
+        if not classes:
+            raise DataError(f"data.targets.{spec.name}: no {spec.field} values in the target window")
+        rows = pl.DataFrame({"user_id": user_ids, "row": np.arange(len(user_ids))})
+        hits = (
+            values.filter(pl.col("value").is_in(classes))
+            .join(rows, on="user_id")
+            .select("row", pl.col("value").replace_strict(classes, range(len(classes)), return_dtype=pl.Int64).alias("col"))
+        )
+        matrix = np.zeros((len(user_ids), len(classes)), dtype=np.int8)
+        matrix[hits["row"].to_numpy(), hits["col"].to_numpy()] = 1
+        return pl.Series(spec.name, matrix, dtype=pl.Array(pl.Int8, len(classes))), classes
+    if spec.value is None:
+        raise DataError(f"data.targets.{spec.name}: a propensity target needs field and value")
+    hits = values.filter(pl.col("value") == str(spec.value))["user_id"].unique()
     label = user_ids.is_in(hits.implode()).cast(pl.Int64)
     return label.set(~user_ids.is_in(active.implode()), None), ["no", str(spec.value)]
 
 
 def stratified_split(labels: np.ndarray, seed: int, name: str) -> np.ndarray:
-    """Half of each class to FIT, half to EVAL; seeded per target so targets do not share a split."""
+    """Half of each class to FIT, half to EVAL; seeded per target so targets do not share a split.
+
+    Multi-label targets ([U, K]) are split at random: half of all users to FIT.
+    """
     import zlib
 
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
     split = np.full(len(labels), UNLABELLED, dtype=np.int8)
+    if labels.ndim == 2:
+        rows = rng.permutation(len(labels))
+        split[rows[: len(rows) // 2]] = FIT
+        split[rows[len(rows) // 2 :]] = EVAL
+        return split
     for cls in np.unique(labels[labels >= 0]):
         rows = rng.permutation(np.flatnonzero(labels == cls))
         half = len(rows) // 2

@@ -69,6 +69,22 @@ class TrainerConfig:
 
 
 @dataclass
+class DownstreamConfig:
+    """The RecSys Challenge 2025 fixed MLP for multi-label targets (paper: width 2048, 3 blocks)."""
+
+    width: int = 256
+    """Hidden width W."""
+    blocks: int = 3
+    """Residual inverted-bottleneck blocks."""
+    epochs: int = 3
+    """Epochs; the best one (on held-out FIT users) is kept."""
+    lr: float = 1e-3
+    """AdamW learning rate."""
+    batch_size: int = 128
+    """Users per batch."""
+
+
+@dataclass
 class ProbeConfig:
     """Linear-probe evaluation of the embeddings."""
 
@@ -80,6 +96,8 @@ class ProbeConfig:
     """Also probe after every N-th validation epoch (null: only at the end)."""
     baselines: list[str] = field(default_factory=lambda: ["handcrafted", "random"])
     """Rows probed the same way for comparison: handcrafted, random."""
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
+    """The fixed downstream MLP used for multi-label (propensity) targets."""
 
 
 @dataclass

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from experiments.config import ConfigError, DataConfig, compose, help_text, to_dataclass
 
 log = logging.getLogger("experiments.run")
+EVAL_GROUPS = ("probe", "downstream", "baseline")
 
 
 @dataclass
@@ -75,25 +76,6 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     return loggers
 
 
-def baseline_rows(cfg: DictConfig, prepared, targets, dim: int) -> dict[str, dict[str, float]]:
-    """The floor every table shows: handcrafted features and random vectors, probed the same way."""
-    from callbacks.probe import probe_embeddings
-    from datamodules.handcrafted import handcrafted_features, random_embeddings
-
-    rows = {}
-    for name in cfg.probe.baselines:
-        if name == "handcrafted":
-            cutoff = prepared.meta["cutoff"]
-            reference = int(dt.datetime.fromisoformat(cutoff).replace(tzinfo=dt.timezone.utc).timestamp()) if cutoff else None
-            features, _ = handcrafted_features(prepared.store, reference_time=reference)
-        elif name == "random":
-            features = random_embeddings(len(prepared.store), dim, cfg.seed)
-        else:
-            raise ConfigError(f"probe.baselines: unknown baseline {name!r}; choose handcrafted or random")
-        rows[name] = probe_embeddings(features, targets, C=cfg.probe.C, seed=cfg.seed, max_iter=cfg.probe.max_iter)
-    return rows
-
-
 def write_embeddings(path: Path, user_ids, embeddings) -> None:
     import numpy as np
     import polars as pl
@@ -102,41 +84,61 @@ def write_embeddings(path: Path, user_ids, embeddings) -> None:
     atomic_write(path, frame.write_parquet)
 
 
-def run(cfg: DictConfig) -> RunResult:
-    """Fit the configured method, embed every user, probe, and write the run directory."""
+def baseline_embeddings(cfg: DictConfig, prepared, dim: int) -> dict:
+    """The floors every table shows: handcrafted features and random vectors of the model's width."""
+    from datamodules.handcrafted import handcrafted_features, random_embeddings
+
+    out = {}
+    for name in cfg.probe.baselines:
+        if name == "handcrafted":
+            out[name] = handcrafted_features(prepared.store, reference_time=cutoff_epoch(prepared))[0]
+        elif name == "random":
+            out[name] = random_embeddings(len(prepared.store), dim, cfg.seed)
+        else:
+            raise ConfigError(f"probe.baselines: unknown baseline {name!r}; choose handcrafted or random")
+    return out
+
+
+def cutoff_epoch(prepared) -> int | None:
+    cutoff = prepared.meta["cutoff"]
+    return int(dt.datetime.fromisoformat(cutoff).replace(tzinfo=dt.timezone.utc).timestamp()) if cutoff else None
+
+
+def evaluate(cfg: DictConfig, prepared, embeddings) -> dict[str, float]:
+    """One evaluation for every row: linear probe on binary/multiclass targets, the fixed downstream MLP on multi-label ones."""
+    from callbacks.probe import probe_embeddings
+
+    targets = [t for t in prepared.targets if t.kind != "multilabel"]
+    out = probe_embeddings(embeddings, targets, C=cfg.probe.C, seed=cfg.seed, max_iter=cfg.probe.max_iter) if targets else {}
+    for t in prepared.targets:
+        if t.kind == "multilabel":
+            from callbacks.downstream import popularity_of, train_downstream
+
+            fit, ev = t.split == 0, t.split == 1
+            d = cfg.probe.downstream
+            scores = train_downstream(
+                embeddings, t.labels, fit, ev, popularity=popularity_of(t.labels, fit), width=d.width, blocks=d.blocks,
+                epochs=d.epochs, lr=d.lr, batch_size=d.batch_size, seed=cfg.seed,
+            )
+            out.update({f"downstream/{t.name}/{k}": float(v) for k, v in scores.items()})
+    return out
+
+
+def fit_and_embed(cfg: DictConfig, datamodule, module, loggers: list, run_dir: Path) -> tuple:
+    """Train with Lightning, then embed every user with the weights of the best val/loss epoch."""
     import lightning.pytorch as L
     import torch
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-    from safetensors.torch import save_file
 
-    from callbacks.probe import LinearProbe
-    from datamodules.datamodule import EventDataModule
-    from lit_modules.registry import build_module
+    from callbacks.probe import LinearProbe, embed_all
 
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = EventDataModule(to_dataclass(cfg.data, DataConfig), seed=cfg.seed)
-    prepared = datamodule.data  # bad data fails here, before a run directory exists
-    try:
-        module = build_module(OmegaConf.to_container(cfg.model), prepared)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-
-    run_dir = make_run_dir(cfg)
-    atomic_write(run_dir / "config.yaml", lambda p: OmegaConf.save(cfg, p, resolve=True))
-    loggers = build_loggers(cfg, run_dir)
-    probe = LinearProbe(
-        prepared.targets,
-        datamodule.predict_dataloader,
-        every_n_epochs=cfg.probe.every_n_epochs,
-        C=cfg.probe.C,
-        seed=cfg.seed,
-        max_iter=cfg.probe.max_iter,
-        at_fit_end=False,
-    )
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/loss", save_last=True)
-    callbacks = [probe, checkpoint]
+    callbacks = [checkpoint]
     if cfg.trainer.early_stopping_patience is not None:
         callbacks.append(EarlyStopping(monitor="val/loss", patience=cfg.trainer.early_stopping_patience))
+    if cfg.probe.every_n_epochs:  # probe curves during training; the final numbers come from evaluate()
+        targets = [t for t in datamodule.data.targets if t.kind != "multilabel"]
+        callbacks.append(LinearProbe(targets, datamodule.predict_dataloader, cfg.probe.every_n_epochs, cfg.probe.C, cfg.seed, cfg.probe.max_iter, at_fit_end=False))
     t = cfg.trainer
     trainer = L.Trainer(
         max_epochs=t.max_epochs,
@@ -158,53 +160,87 @@ def run(cfg: DictConfig) -> RunResult:
     )
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
-    fit_seconds = time.perf_counter() - started
+    metrics = {"time/fit_seconds": time.perf_counter() - started, "epochs": trainer.current_epoch}
     if checkpoint.best_model_path:  # embed with the weights of the best val/loss epoch, as early stopping intends
         state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
-    probe.probe(trainer, module)
-
-    rows = {cfg.model.name: dict(probe.results)}
-    rows.update({f"baseline/{k}": v for k, v in baseline_rows(cfg, prepared, prepared.targets, probe.embeddings.shape[1]).items()})
-    metrics = {k: float(v) for k, v in probe.results.items()}
-    for name, row in rows.items():
-        if name.startswith("baseline/"):
-            metrics.update({f"{name}/{k}": float(v) for k, v in row.items()})
+        metrics["val/loss_best"] = float(checkpoint.best_model_score)
     for key in ("train/loss_epoch", "val/loss"):
         if key in trainer.callback_metrics:
             metrics[key] = float(trainer.callback_metrics[key])
-    metrics["time/fit_seconds"] = fit_seconds
-    metrics["epochs"] = trainer.current_epoch
-    if checkpoint.best_model_score is not None:
-        metrics["val/loss_best"] = float(checkpoint.best_model_score)
+    embeddings = embed_all(module, datamodule.predict_dataloader())
+    return embeddings, metrics, trainer.global_step
+
+
+def run(cfg: DictConfig) -> RunResult:
+    """Fit the configured method (or assemble an ensemble), embed every user, evaluate, write the run directory."""
+    import lightning.pytorch as L
+    from safetensors.torch import save_file
+
+    from datamodules.datamodule import EventDataModule
+    from lit_modules.registry import MODELS, build_module
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = EventDataModule(to_dataclass(cfg.data, DataConfig), seed=cfg.seed)
+    prepared = datamodule.data  # bad data fails here, before a run directory exists
+    module, embeddings = None, None
+    try:
+        if MODELS[cfg.model.name].target is None:
+            from experiments.ensemble import ensemble_embeddings
+
+            embeddings = ensemble_embeddings(OmegaConf.to_container(cfg.model), prepared, cutoff_epoch(prepared), cfg.seed)
+        else:
+            module = build_module(OmegaConf.to_container(cfg.model), prepared)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+    run_dir = make_run_dir(cfg)
+    atomic_write(run_dir / "config.yaml", lambda p: OmegaConf.save(cfg, p, resolve=True))
+    loggers = build_loggers(cfg, run_dir)
+    metrics, step = {}, 0
+    if module is not None:
+        embeddings, metrics, step = fit_and_embed(cfg, datamodule, module, loggers, run_dir)
+
+    rows = {cfg.model.name: evaluate(cfg, prepared, embeddings)}
+    for name, features in baseline_embeddings(cfg, prepared, embeddings.shape[1]).items():
+        rows[f"baseline/{name}"] = evaluate(cfg, prepared, features)
+    metrics.update(rows[cfg.model.name])
+    for name, row in rows.items():
+        if name.startswith("baseline/"):
+            metrics.update({f"{name}/{k}": v for k, v in row.items()})
     metrics.update({f"data/{k}": v for k, v in prepared.meta["counts"].items()})
 
     summary = {}
-    for lg in trainer.loggers:  # fit has ended: the probe and baselines are logged after it, then flushed
-        lg.log_metrics({k: v for k, v in metrics.items() if k.startswith("baseline/")}, step=trainer.global_step)
+    for lg in loggers:  # training has ended: the evaluation is logged after it, then flushed
+        lg.log_metrics({k: v for k, v in metrics.items() if k.split("/")[0] in EVAL_GROUPS}, step=step)
         lg.save()
         if type(lg).__name__ == "WandbLogger":
             summary = dict(lg.experiment.summary)
             lg.experiment.finish()
-    if trainer.is_global_zero:
+    if int(os.environ.get("RANK", "0")) == 0:
         atomic_write(run_dir / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=1, sort_keys=True)))
-        write_embeddings(run_dir / "embeddings.parquet", prepared.store.user_ids, probe.embeddings)
-        atomic_write(run_dir / "model.safetensors", lambda p: save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(p)))
+        write_embeddings(run_dir / "embeddings.parquet", prepared.store.user_ids, embeddings)
+        if module is not None:
+            weights = {k: v.contiguous() for k, v in module.state_dict().items()}
+            atomic_write(run_dir / "model.safetensors", lambda p: save_file(weights, str(p)))
     return RunResult(run_dir, metrics, rows, summary)
 
 
 def print_table(result: RunResult) -> None:
+    """Rows: targets; columns: the method and the baselines. Probe: AUC / KS; downstream MLP: AUROC / score."""
     from rich.console import Console
     from rich.table import Table
 
-    targets = list(dict.fromkeys(k.split("/")[1] for row in result.rows.values() for k in row))
-    table = Table(title="Linear probe on the eval half of each target: ROC-AUC / KS")
+    first = next(iter(result.rows.values()))
+    keys = list(dict.fromkeys(k.rsplit("/", 1)[0] for k in first))  # probe/<t>, downstream/<t>
+    table = Table(title="Evaluation on the eval half of each target (probe: ROC-AUC / KS; downstream MLP: AUROC / score)")
     table.add_column("target")
     for name in result.rows:
         table.add_column(name.removeprefix("baseline/"), justify="right")
-    for t in targets:
-        cells = [f"{row.get(f'probe/{t}/auc', float('nan')):.3f} / {row.get(f'probe/{t}/ks', float('nan')):.3f}" for row in result.rows.values()]
-        table.add_row(t, *cells)
+    for key in keys:
+        a, b = ("auc", "ks") if key.startswith("probe/") else ("auroc", "score")
+        cells = [f"{row.get(f'{key}/{a}', float('nan')):.3f} / {row.get(f'{key}/{b}', float('nan')):.3f}" for row in result.rows.values()]
+        table.add_row(key.split("/", 1)[1] + ("" if key.startswith("probe/") else " (MLP)"), *cells)
     Console(width=max(100, 24 * (len(result.rows) + 1))).print(table)
 
 

@@ -39,14 +39,43 @@ class GRUAutoencoderConfig:
 
 
 @dataclass
+class EnsembleBlock:
+    """One block of an ensemble: a finished run's embeddings."""
+
+    run: str | None = None
+    """Run directory holding embeddings.parquet."""
+    experiment: str | None = None
+    """Or: the newest finished run of this experiment under output_dir."""
+    pca: int | None = None
+    """Reduce the block to this many principal components (null: keep it whole)."""
+    normalize: bool = True
+    """L2-normalise each user's block vector."""
+
+
+@dataclass
+class EnsembleConfig:
+    """"Encode Me If You Can" ensemble: PCA-reduced, L2-normalised blocks + quantile-mapped handcrafted features."""
+
+    name: str = "ensemble"
+    """Method name (registry key)."""
+    blocks: list[EnsembleBlock] = field(default_factory=list)
+    """The blocks, each a finished run on the same data."""
+    handcrafted: bool = True
+    """Append handcrafted features mapped to uniform by a quantile transform."""
+    output_dir: str = "outputs"
+    """Where blocks named by experiment are looked up."""
+
+
+@dataclass
 class ModelEntry:
     config: type
-    target: str  # "module:Class" of the LightningModule
-    builder: str  # name of the function below that turns (config, prepared data) into constructor kwargs
+    target: str | None  # "module:Class" of the LightningModule; None: nothing to train (ensemble)
+    builder: str | None  # name of the function below that turns (config, prepared data) into constructor kwargs
 
 
 MODELS: dict[str, ModelEntry] = {
     "gru_autoencoder": ModelEntry(GRUAutoencoderConfig, "lit_modules.gru_autoencoder:GRUAutoencoder", "sequence_fields_kwargs"),
+    "ensemble": ModelEntry(EnsembleConfig, None, None),
 }
 
 
@@ -88,4 +117,3 @@ def build_module(cfg: Any, prepared: Any):
     return cls(**globals()[entry.builder](plain, prepared))
 
 
-__all__ = ["MODELS", "GRUAutoencoderConfig", "build_module", "field"]

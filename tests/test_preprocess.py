@@ -169,3 +169,28 @@ def test_ml100k_source(ml100k_cache):
     assert {t.name for t in p.targets} >= {"gender", "age", "churn"}
     assert p.schema.event_type == "rating" and sorted(p.vocabs["rating"]) == ["1", "2", "3", "4", "5"]
     assert (p.store.lengths <= cfg.max_len).all() and (p.store.lengths >= 1).all()
+
+
+def test_event_type_filtered_churn_and_multilabel_propensity(tmp_path, csv_data):
+    events, labels = csv_data
+    cfg = generic_config(events, labels, tmp_path / "cache", cutoff_days_before_end=14, window_days=14)
+    cfg.targets = [
+        TargetConfig("buy_churn", "churn", event_type="purchase"),
+        TargetConfig("merchants", "propensity_top", field="merchant", event_type="purchase", top_k=3),
+    ]
+    p = prepare(cfg)
+    frame = pl.read_csv(events, try_parse_dates=True)
+    end = frame["ts"].max()
+    cutoff = end - dt.timedelta(days=14)
+    window = frame.filter((pl.col("ts") >= cutoff) & (pl.col("ts") < cutoff + dt.timedelta(days=14)) & (pl.col("event_type") == "purchase"))
+    targets = {t.name: t for t in p.targets}
+    churn, multi = targets["buy_churn"], targets["merchants"]
+    assert multi.kind == "multilabel" and multi.labels.shape == (len(p.store), 3)
+    # the 3 merchants bought by the most distinct users in the window, most first
+    ranked = window.group_by("merchant").agg(pl.col("client").n_unique().alias("n")).sort(["n", "merchant"], descending=[True, False])
+    assert multi.classes == ranked["merchant"].head(3).to_list()
+    for i, u in enumerate(p.store.user_ids):
+        bought = set(window.filter(pl.col("client") == u)["merchant"])
+        assert churn.labels[i] == (0 if bought else 1)
+        assert multi.labels[i].tolist() == [int(m in bought) for m in multi.classes]
+    assert sorted(np.unique(multi.split).tolist()) == [0, 1]
