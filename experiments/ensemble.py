@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from experiments.rundirs import latest_run
+
 
 def resolve_run(block: dict, output_dir: str) -> Path:
     """A block names a run directory, or an experiment whose newest finished run is used."""
@@ -23,11 +25,10 @@ def resolve_run(block: dict, output_dir: str) -> Path:
         if not (run / "embeddings.parquet").is_file():
             raise ValueError(f"model.blocks: {run} has no embeddings.parquet (is it a finished run?)")
         return run
-    root = Path(output_dir) / block["experiment"]
-    finished = sorted((p for p in root.glob("*") if (p / "embeddings.parquet").is_file()), key=lambda p: (p / "embeddings.parquet").stat().st_mtime)
-    if not finished:
-        raise ValueError(f"model.blocks: no finished run of experiment {block['experiment']!r} under {root}; run it first")
-    return finished[-1]
+    run = latest_run(output_dir, block["experiment"])
+    if run is None:
+        raise ValueError(f"model.blocks: no finished run of experiment {block['experiment']!r} under {output_dir}; run it first")
+    return run
 
 
 def aligned(run: Path, user_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -10,6 +10,7 @@ import datetime as dt
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -172,7 +173,7 @@ def fit_and_embed(cfg: DictConfig, datamodule, module, loggers: list, run_dir: P
     return embeddings, metrics, trainer.global_step
 
 
-def run(cfg: DictConfig) -> RunResult:
+def run(cfg: DictConfig, command: str | None = None) -> RunResult:
     """Fit the configured method (or assemble an ensemble), embed every user, evaluate, write the run directory."""
     import lightning.pytorch as L
     from safetensors.torch import save_file
@@ -196,6 +197,8 @@ def run(cfg: DictConfig) -> RunResult:
 
     run_dir = make_run_dir(cfg)
     atomic_write(run_dir / "config.yaml", lambda p: OmegaConf.save(cfg, p, resolve=True))
+    if command:  # reports cite the exact command behind each row
+        atomic_write(run_dir / "command.txt", lambda p: p.write_text(command + "\n"))
     loggers = build_loggers(cfg, run_dir)
     metrics, step = {}, 0
     if module is not None:
@@ -266,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     try:
         cfg = compose(args)
-        result = run(cfg)
+        result = run(cfg, command=shlex.join(["python", "-m", "experiments.run", *args]))
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ from experiments.ensemble import aligned, reduce_block, resolve_run
 def write_run(path, users, emb):
     path.mkdir(parents=True)
     pl.DataFrame({"user_id": users, "embedding": emb.astype(np.float32)}).write_parquet(path / "embeddings.parquet")
+    (path / "metrics.json").write_text("{}")
     return path
 
 
@@ -41,7 +42,7 @@ def test_resolve_run_picks_newest_finished_run(tmp_path):
 
     old = write_run(tmp_path / "exp" / "a", ["u"], np.ones((1, 2)))
     new = write_run(tmp_path / "exp" / "b", ["u"], np.ones((1, 2)))
-    os.utime(old / "embeddings.parquet", (1, 1))
+    os.utime(old / "metrics.json", (1, 1))
     (tmp_path / "exp" / "unfinished").mkdir()
     assert resolve_run({"experiment": "exp"}, str(tmp_path)) == new
     with pytest.raises(ValueError, match="no finished run of experiment 'nope'"):

@@ -1,0 +1,181 @@
+"""`python -m reports.build NAME [--outputs DIR]`: regenerate reports/NAME.md from finished run directories.
+
+A report is a list of sections (one per dataset); each row names the experiment whose
+newest finished run fills it, and the row cites the exact command that made that run.
+Missing runs stay in the table as "not run yet" with the command to run. The papers'
+own figures live in a separate, labelled table: they come from data we do not have.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from experiments.rundirs import latest_run
+
+REPORT_DIR = Path(__file__).parent
+
+
+@dataclass
+class Column:
+    label: str
+    key: str  # metrics.json key of the method's own row
+
+
+@dataclass
+class Section:
+    title: str
+    data_note: str
+    rows: list[tuple[str, str]]  # (row label, experiment name)
+    columns: list[Column]
+    baselines_from: str  # experiment whose run also carries the handcrafted and random rows
+    extra_args: str = ""  # command-line words every row's experiment needs (e.g. a data path)
+
+
+@dataclass
+class Report:
+    title: str
+    intro: str
+    sections: list[Section]
+    paper: str  # markdown: the paper's own figures, labelled as such
+    ensemble_row: str = "ensemble"
+    single_rows: list[str] = field(default_factory=list)  # rows the ensemble is compared with
+
+
+ML100K_COLUMNS = [Column(f"{t} AUC", f"probe/{t}/auc") for t in ("gender", "age", "occupation", "churn")]
+RECSYS_COLUMNS = [
+    Column("churn AUC", "probe/churn/auc"),
+    Column("category propensity score", "downstream/propensity_category/score"),
+    Column("sku propensity score", "downstream/propensity_sku/score"),
+]
+
+REPORTS = {
+    "encode_me": Report(
+        title='"Encode Me If You Can": Table 3 regenerated on data we have',
+        intro=(
+            "Rows are the paper's embedding blocks, built by this repository and evaluated the same way: "
+            "a linear probe (ROC-AUC) for binary and multiclass targets and the challenge's fixed downstream MLP "
+            "(score = 0.8 AUROC + 0.1 novelty + 0.1 diversity) for the propensity targets. Sum adds the columns. "
+            "Each row is the newest finished run of its experiment; the command that made it is in the last column."
+        ),
+        sections=[
+            Section(
+                title="MovieLens-100k (recbole's copy; history = first 80% of ratings, churn window 30 days)",
+                data_note="Users with ratings before the cutoff; each target's users split 50/50 into probe fit and eval halves.",
+                rows=[
+                    ("GRU-AE all", "gru_ae_ml100k"),
+                    ("GRU-AE week_all", "gru_ae_week_all_ml100k"),
+                    ("GRU-AE day_event_type", "gru_ae_day_event_type_ml100k"),
+                    ("next item (NextEventGPT)", "next_item_ml100k"),
+                    ("ensemble", "ensemble_ml100k"),
+                ],
+                columns=ML100K_COLUMNS,
+                baselines_from="gru_ae_ml100k",
+            ),
+            Section(
+                title="Generated RecSys Challenge 2025 layout (`python -m datamodules.synthetic recsys2025 --clients 4000 --out data/recsys2025_synth`)",
+                data_note="Synthetic clients with planted archetypes; history ends 14 days before the last event, targets from those 14 days.",
+                rows=[
+                    ("GRU-AE all", "gru_ae_recsys2025"),
+                    ("GRU-AE week_all", "gru_ae_week_all_recsys2025"),
+                    ("GRU-AE day_event_type", "gru_ae_day_event_type_recsys2025"),
+                    ("GRU-AE sku_text", "gru_ae_sku_text_recsys2025"),
+                    ("next product (NextEventGPT)", "next_product_recsys2025"),
+                    ("next url (NextEventGPT)", "next_url_recsys2025"),
+                    ("ensemble", "ensemble_recsys2025"),
+                ],
+                columns=RECSYS_COLUMNS,
+                baselines_from="gru_ae_recsys2025",
+            ),
+        ],
+        paper=(
+            "These are the paper's team's figures on the real RecSys Challenge 2025 data (one million clients), "
+            "which we do not have; they are not comparable with the tables above.\n\n"
+            "| source | churn | category | sku | hidden 1 | hidden 2 | hidden 3 |\n"
+            "| --- | --- | --- | --- | --- | --- | --- |\n"
+            "| final leaderboard, team ai_lab_recsys (2nd), as reported in Table 1 of arXiv:2508.06970 | 0.7376 | 0.8180 | 0.8130 | 0.7649 | 0.8052 | 0.8117 |\n\n"
+            "The per-block local-validation figures of the paper's own Table 3 are not reproduced here: "
+            "no copy of them is available to this repository, and we do not quote numbers we cannot check."
+        ),
+        single_rows=["GRU-AE all", "GRU-AE week_all", "GRU-AE day_event_type", "GRU-AE sku_text", "next item (NextEventGPT)",
+                     "next product (NextEventGPT)", "next url (NextEventGPT)", "handcrafted"],
+    ),
+}
+
+
+def fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+def section_table(section: Section, outputs: Path, single_rows: list[str], ensemble_row: str) -> list[str]:
+    header = ["row", *[c.label for c in section.columns], "Sum", "run / command"]
+    lines = [f"### {section.title}", "", section.data_note, "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    sums: dict[str, float] = {}
+    rows: list[tuple[str, dict | None, str]] = []
+    for label, experiment in section.rows:
+        run = latest_run(outputs, experiment)
+        metrics = json.loads((run / "metrics.json").read_text()) if run else None
+        command_file = run / "command.txt" if run else None
+        if command_file and command_file.is_file():
+            cite = f"`{run}`: `{command_file.read_text().strip()}`"
+        elif run:
+            cite = f"`{run}`"
+        else:
+            cite = f"not run yet: `python -m experiments.run experiment={experiment}{' ' + section.extra_args if section.extra_args else ''}`"
+        rows.append((label, metrics, cite))
+    base_run = latest_run(outputs, section.baselines_from)
+    if base_run:
+        base = json.loads((base_run / "metrics.json").read_text())
+        for name in ("handcrafted", "random"):
+            values = {c.key: base.get(f"baseline/{name}/{c.key}") for c in section.columns}
+            rows.append((name, values, f"baseline rows of `{base_run}`"))
+    for label, metrics, cite in rows:
+        values = [metrics.get(c.key) if metrics else None for c in section.columns]
+        total = sum(values) if values and all(v is not None for v in values) else None
+        if total is not None:
+            sums[label] = total
+        lines.append("| " + " | ".join([label, *[fmt(v) for v in values], fmt(total), cite]) + " |")
+    lines += ["", verdict(sums, single_rows, ensemble_row), ""]
+    return lines
+
+
+def verdict(sums: dict[str, float], single_rows: list[str], ensemble_row: str) -> str:
+    """Does the ensemble beat every single block on Sum? Said plainly, with numbers."""
+    singles = {k: v for k, v in sums.items() if k in single_rows}
+    if ensemble_row not in sums or not singles:
+        return "Ensemble vs best single block: not all runs are finished, no verdict."
+    best = max(singles, key=singles.get)
+    ens = sums[ensemble_row]
+    relation = "at least as good as" if ens >= singles[best] else "NOT as good as"
+    return f"Ensemble vs best single block: the ensemble's Sum {ens:.3f} is {relation} the best single block, {best} ({singles[best]:.3f})."
+
+
+def build(name: str, outputs: Path) -> Path:
+    report = REPORTS[name]
+    lines = [f"# {report.title}", "", f"Generated by `python -m reports.build {name}` on {dt.date.today().isoformat()} from `{outputs}`.", "", report.intro, ""]
+    lines += ["## Our runs", ""]
+    for section in report.sections:
+        lines += section_table(section, outputs, report.single_rows, report.ensemble_row)
+    lines += ["## The paper's figures (not ours)", "", report.paper, ""]
+    path = REPORT_DIR / f"{name}.md"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(lines))
+    tmp.replace(path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m reports.build", description=__doc__.splitlines()[0])
+    parser.add_argument("name", choices=sorted(REPORTS), help="which report")
+    parser.add_argument("--outputs", default="outputs", type=Path, help="where the run directories are")
+    args = parser.parse_args(argv)
+    print(f"wrote {build(args.name, args.outputs)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
