@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from datamodules.schema import EOS, PAD, SOS
+from datamodules.schema import EOS, MISSING, PAD, SOS
 
 COMBINE_MODES = ("sum", "concat")
 
@@ -38,6 +38,7 @@ class GRUAutoencoder(L.LightningModule):
         combine: str = "sum",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
+        codes_events: int = 4,
     ):
         super().__init__()
         # Plain types before save_hyperparameters (it reads these locals), so the
@@ -63,13 +64,26 @@ class GRUAutoencoder(L.LightningModule):
         embs = [emb(t) for emb, t in zip(self.embeddings, tokens)]
         return torch.cat(embs, dim=-1) if self.combine == "concat" else torch.stack(embs).sum(0)
 
+    def _view(self, batch: dict) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The sequence this model reads: per-field ids [B, T] and lengths.
+
+        A codes field (the paper's sku_text variant) is read as one token sequence: the
+        codes of the user's last `codes_events` events that carry codes, concatenated.
+        """
+        field = self.fields[0]
+        if field in batch.get("codes", {}):
+            tokens, lengths = codes_tail(batch["codes"][field], batch["lengths"], self.hparams.codes_events)
+            return [tokens], lengths
+        return [batch["tokens"][f] for f in self.fields], batch["lengths"]
+
     def embed(self, batch: dict) -> torch.Tensor:
         """User vectors [B, hidden] float32 in batch order; independent of padding and batch mates.
 
         Call in eval mode: in train mode, inter-layer dropout makes them random.
         """
-        x = self._events([batch["tokens"][f] for f in self.fields])
-        packed = pack_padded_sequence(x, batch["lengths"].cpu(), batch_first=True, enforce_sorted=False)
+        tokens, lengths = self._view(batch)
+        x = self._events(tokens)
+        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
         _, h_n = self.encoder(packed)  # [layers, B, hidden], already back in batch order
         return h_n[-1].float()
 
@@ -79,8 +93,7 @@ class GRUAutoencoder(L.LightningModule):
         Decoder step t reads event t-1 (SOS at t=0) and predicts event t; the target after
         the last event is EOS, so a user of n events gives n+1 positions.
         """
-        lengths = batch["lengths"]
-        tokens = [batch["tokens"][f] for f in self.fields]
+        tokens, lengths = self._view(batch)
         z = self.embed(batch)
         B, T = tokens[0].shape
         dec_lengths = lengths + 1
@@ -107,7 +120,7 @@ class GRUAutoencoder(L.LightningModule):
     def _step(self, batch: dict, stage: str) -> torch.Tensor:
         per_field = self.losses(batch)
         loss = torch.stack(list(per_field.values())).sum()
-        B = len(batch["lengths"])
+        B = len(batch["index"])
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=B)
         for f, v in per_field.items():
@@ -139,3 +152,23 @@ def _check_args(vocab_sizes: dict[str, int], fields: list[str], combine: str) ->
             raise ValueError(f"field {f!r} has no vocabulary size; known fields: {sorted(vocab_sizes)}")
         if vocab_sizes[f] <= EOS:
             raise ValueError(f"vocab size of {f!r} is {vocab_sizes[f]}; it must cover the reserved ids 0..{EOS}")
+
+
+def codes_tail(codes: torch.Tensor, lengths: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T, L] codes -> [B, k*L] ids of the last k events that carry codes, oldest first, and their lengths.
+
+    A user without any such event gets a single MISSING token, so every sequence is non-empty.
+    """
+    B, T, L = codes.shape
+    real = torch.arange(T, device=codes.device)[None, :] < lengths[:, None].to(codes.device)
+    has = real & (codes[..., 0] != MISSING) & (codes[..., 0] != PAD)
+    from_end = has.flip(1).cumsum(1).flip(1)  # code-carrying events at or after each step
+    keep = has & (from_end <= k)
+    n = keep.sum(1)
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :k]  # kept steps first, in time order
+    picked = codes.gather(1, order[..., None].expand(-1, -1, L))
+    slot = torch.arange(order.shape[1], device=codes.device)[None, :] < n[:, None]
+    tokens = (picked * slot[..., None]).reshape(B, -1)
+    empty = n == 0
+    tokens[empty, 0] = MISSING
+    return tokens, torch.where(empty, torch.ones_like(n), n * L)

@@ -36,6 +36,8 @@ class GRUAutoencoderConfig:
     """Learning rate (Adam)."""
     weight_decay: float = 0.0
     """Weight decay."""
+    codes_events: int = 4
+    """sku_text variant (fields = [a codes field]): read the codes of this many last events carrying codes."""
 
 
 @dataclass
@@ -79,31 +81,38 @@ MODELS: dict[str, ModelEntry] = {
 }
 
 
-def resolve_fields(requested: list[str] | None, time: str, schema: Any, vocab_sizes: dict[str, int]) -> list[str]:
-    """Model field list from config: null means every event token field; 'event_type' names the schema's."""
+def resolve_fields(requested: list[str] | None, time: str, schema: Any, store: Any) -> list[str]:
+    """Model field list from config: null means every event token field; 'event_type' names the schema's.
+
+    A codes field (e.g. the product name codes of the sku_text variant) must be the only field.
+    """
     from datamodules.schema import DAY_FIELD, WEEK_FIELD
 
-    event_fields = [f for f in vocab_sizes if f not in (DAY_FIELD, WEEK_FIELD)]
+    event_fields = [f for f in store.tokens if f not in (DAY_FIELD, WEEK_FIELD)]
+    known = [*store.tokens, *store.codes]
     if requested is None:
         fields = event_fields
     else:
         fields = []
         for name in requested:
-            if name == "event_type" and "event_type" not in vocab_sizes:
+            if name == "event_type" and "event_type" not in known:
                 if schema.event_type is None:
                     raise ValueError("model.fields: 'event_type' asked for, but the data schema has no event_type")
                 name = schema.event_type
-            if name not in vocab_sizes:
-                raise ValueError(f"model.fields: {name!r} is not a token field of this data; fields are {sorted(vocab_sizes)}")
+            if name not in known:
+                raise ValueError(f"model.fields: {name!r} is not a field of this data; fields are {sorted(known)}")
             fields.append(name)
     if time not in ("none", DAY_FIELD, WEEK_FIELD):
         raise ValueError(f"model.time: {time!r}; choose none, day or week")
-    return ([time] if time != "none" else []) + fields
+    fields = ([time] if time != "none" else []) + fields
+    if any(f in store.codes for f in fields) and len(fields) > 1:
+        raise ValueError(f"model.fields: a codes field is read alone (time: none); got {fields}")
+    return fields
 
 
 def sequence_fields_kwargs(cfg: dict, prepared: Any) -> dict:
     kwargs = {k: v for k, v in cfg.items() if k not in ("name", "time")}
-    kwargs["fields"] = resolve_fields(cfg["fields"], cfg["time"], prepared.schema, prepared.store.vocab_sizes)
+    kwargs["fields"] = resolve_fields(cfg["fields"], cfg["time"], prepared.schema, prepared.store)
     kwargs["vocab_sizes"] = {f: prepared.store.vocab_sizes[f] for f in kwargs["fields"]}
     return kwargs
 

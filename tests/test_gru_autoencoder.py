@@ -181,3 +181,35 @@ def test_checkpoint_round_trip(store: SequenceStore, collate: Collator, tmp_path
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded.embed(batch), model.embed(batch))
+
+
+def test_codes_tail_takes_last_events_with_codes():
+    from datamodules.schema import MISSING
+    from lit_modules.gru_autoencoder import codes_tail
+
+    L = 2
+    codes = torch.zeros(3, 5, L, dtype=torch.long)
+    # user 0: 4 events, codes on events 0, 1, 3 (event 2 has none) -> last 2 are events 1 and 3
+    codes[0, :4] = torch.tensor([[10, 11], [12, 13], [MISSING, MISSING], [14, 15]])
+    # user 1: one event without codes -> a single MISSING token
+    codes[1, 0] = torch.tensor([MISSING, MISSING])
+    # user 2: 5 events with codes, pad-free
+    codes[2] = torch.arange(20, 30).reshape(5, L)
+    tokens, lengths = codes_tail(codes, torch.tensor([4, 1, 5]), k=2)
+    assert lengths.tolist() == [4, 1, 4]
+    assert tokens[0].tolist() == [12, 13, 14, 15]
+    assert tokens[1].tolist() == [MISSING, 0, 0, 0]
+    assert tokens[2].tolist() == [26, 27, 28, 29]
+
+
+def test_codes_field_model_trains_and_is_pad_invariant():
+    torch.manual_seed(0)
+    B, T, L = 6, 7, 3
+    codes = torch.randint(5, 20, (B, T, L))
+    lengths = torch.tensor([1, 2, 3, 5, 7, 7])
+    codes[torch.arange(T)[None, :] >= lengths[:, None]] = 0
+    batch = {"index": torch.arange(B), "lengths": lengths, "tokens": {}, "values": {}, "codes": {"name": codes}}
+    model = GRUAutoencoder({"name": 20}, ["name"], emb_dim=8, hidden=16, layers=1, codes_events=2).eval()
+    padded = dict(batch, codes={"name": torch.nn.functional.pad(codes, (0, 0, 0, 4))})
+    assert torch.allclose(model.embed(batch), model.embed(padded), atol=1e-5)
+    assert torch.isfinite(torch.stack(list(model.losses(batch).values()))).all()
