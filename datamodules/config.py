@@ -62,7 +62,7 @@ class DataConfig:
     """Where events come from and how they become sequences."""
 
     source: str = "ml100k"
-    """ml100k | generic."""
+    """ml100k | generic | recsys2025."""
     path: str | None = None
     """generic: an event file or a glob (events/*.parquet); ml100k: the ml-100k folder (default: recbole's)."""
     schema: SchemaConfig = field(default_factory=SchemaConfig)
@@ -82,7 +82,7 @@ class DataConfig:
     max_len: int = 128
     """Keep each user's last max_len events."""
     top_k: int = 5000
-    """Vocabulary size cap per categorical field (plus 5 reserved ids)."""
+    """Vocabulary size cap per categorical field (plus 5 reserved ids); also caps a schema field's own top_k."""
     n_buckets: int = 100
     """Quantile buckets per numeric field."""
     val_fraction: float = 0.1

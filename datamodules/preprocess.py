@@ -150,7 +150,7 @@ def build(source: SourceData, cfg: DataConfig, seed: int, key: str, path: Path) 
     vocabs: dict[str, list[str]] = {}
     encoded = []
     cats = schema.of_kind("categorical")
-    fitted = pl.collect_all([fit_vocab(train, f.name, f.top_k or cfg.top_k) for f in cats])
+    fitted = pl.collect_all([fit_vocab(train, f.name, min(f.top_k or cfg.top_k, cfg.top_k)) for f in cats])
     for f, vocab in zip(cats, fitted):
         values = vocab[f.name].to_list()
         vocabs[f.name] = values

@@ -41,6 +41,48 @@ class GRUAutoencoderConfig:
 
 
 @dataclass
+class NextEventGPTConfig:
+    """GPT-2-style next-event model of "Encode Me If You Can" (next product / next url), trained from scratch."""
+
+    name: str = "next_event_gpt"
+    """Method name (registry key)."""
+    fields: list[str] | None = None
+    """Input token fields (null: every categorical and numeric field; 'event_type' means the schema's)."""
+    time: str = "none"
+    """Time index field added to the input: none | day | week."""
+    value_fields: list[str] = field(default_factory=list)
+    """Numeric fields whose raw value (signed log1p) is projected into the input."""
+    predict_fields: list[str] | None = None
+    """Token fields of the next event to predict by cross-entropy (null: the input fields)."""
+    predict_values: list[str] = field(default_factory=list)
+    """Numeric fields of the next event to predict by MAE."""
+    hidden: int = 128
+    """Transformer width = user embedding size."""
+    layers: int = 4
+    """Transformer blocks."""
+    heads: int = 4
+    """Attention heads."""
+    dropout: float = 0.1
+    """Dropout."""
+    max_len: int = 65
+    """Positions; validation and embeddings read the last max_len events."""
+    slice_min: int = 33
+    """Shortest random training window (paper: 33)."""
+    slice_max: int = 65
+    """Longest random training window (paper: 65); keep it = max_len so every position is trained."""
+    sampled_negatives: int | None = None
+    """Sampled softmax with this many negatives for larger vocabularies (paper's next url: 10000)."""
+    lr: float = 1e-3
+    """Learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    """Weight decay."""
+    warmup_steps: int = 0
+    """Linear warmup steps."""
+    schedule: str = "constant"
+    """constant | cosine (decay to 0 over the run)."""
+
+
+@dataclass
 class EnsembleBlock:
     """One block of an ensemble: a finished run's embeddings."""
 
@@ -77,6 +119,7 @@ class ModelEntry:
 
 MODELS: dict[str, ModelEntry] = {
     "gru_autoencoder": ModelEntry(GRUAutoencoderConfig, "lit_modules.gru_autoencoder:GRUAutoencoder", "sequence_fields_kwargs"),
+    "next_event_gpt": ModelEntry(NextEventGPTConfig, "lit_modules.next_event_gpt:NextEventGPT", "next_event_kwargs"),
     "ensemble": ModelEntry(EnsembleConfig, None, None),
 }
 
@@ -114,6 +157,20 @@ def sequence_fields_kwargs(cfg: dict, prepared: Any) -> dict:
     kwargs = {k: v for k, v in cfg.items() if k not in ("name", "time")}
     kwargs["fields"] = resolve_fields(cfg["fields"], cfg["time"], prepared.schema, prepared.store)
     kwargs["vocab_sizes"] = {f: prepared.store.vocab_sizes[f] for f in kwargs["fields"]}
+    return kwargs
+
+
+def next_event_kwargs(cfg: dict, prepared: Any) -> dict:
+    store = prepared.store
+    kwargs = {k: v for k, v in cfg.items() if k not in ("name", "time")}
+    kwargs["fields"] = resolve_fields(cfg["fields"], cfg["time"], prepared.schema, store)
+    targets = cfg["predict_fields"] if cfg["predict_fields"] is not None else [f for f in kwargs["fields"] if f != cfg["time"]]
+    kwargs["predict_fields"] = resolve_fields(targets, "none", prepared.schema, store)
+    for name in [*cfg["value_fields"], *cfg["predict_values"]]:
+        if name not in store.values:
+            raise ValueError(f"model: {name!r} is not a numeric field of this data; numeric fields are {sorted(store.values)}")
+    used = dict.fromkeys([*kwargs["fields"], *kwargs["predict_fields"]])
+    kwargs["vocab_sizes"] = {f: store.vocab_sizes[f] for f in used}
     return kwargs
 
 

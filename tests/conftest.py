@@ -77,3 +77,13 @@ def generic_config(events: Path, labels: Path | None, cache_dir: Path, **overrid
 def ml100k_cache(tmp_path_factory) -> Path:
     """One ml100k preprocessing cache for the whole session (the files never change)."""
     return tmp_path_factory.mktemp("ml100k_cache")
+
+
+@pytest.fixture(scope="session")
+def recsys_dir(tmp_path_factory) -> Path:
+    """A small generated RecSys Challenge 2025 layout shared by the session."""
+    from datamodules.synthetic import generate_recsys2025
+
+    out = tmp_path_factory.mktemp("recsys2025")
+    generate_recsys2025(out, clients=150, seed=0, days=60)
+    return out

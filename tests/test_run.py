@@ -13,7 +13,10 @@ from experiments.config import compose, presets
 from experiments.run import main, run
 
 
-def ml100k_or_csv(name: str, csv_data, ml100k_cache, tmp_path) -> list[str]:
+def data_args(name: str, csv_data, ml100k_cache, tmp_path, recsys_dir=None) -> list[str]:
+    """Where each committed experiment finds data in tests: the CSV fixture, the shared ml100k cache, a mini recsys layout."""
+    if "recsys2025" in name:
+        return [f"data.path={recsys_dir}", f"data.cache_dir={tmp_path / 'cache'}"]
     if "generic" in name:
         events, labels = csv_data
         return [f"data.path={events}", f"data.labels.path={labels}", "data.schema.user=client", "data.schema.time=ts",
@@ -23,24 +26,25 @@ def ml100k_or_csv(name: str, csv_data, ml100k_cache, tmp_path) -> list[str]:
 
 
 @pytest.mark.parametrize("name", presets("experiment"))
-def test_every_experiment_smoke_runs(name, csv_data, ml100k_cache, tmp_path):
+def test_every_experiment_smoke_runs(name, csv_data, ml100k_cache, recsys_dir, tmp_path):
     out = tmp_path / "out"
     args = [f"experiment={name}", "trainer.fast_dev_run=true", f"output_dir={out}", "run_name=smoke", "logger.wandb=false"]
-    cfg = compose(args + ml100k_or_csv(name, csv_data, ml100k_cache, tmp_path))
+    cfg = compose(args + data_args(name, csv_data, ml100k_cache, tmp_path, recsys_dir))
     if cfg.model.name == "ensemble":  # its blocks are finished runs: make them first, then point the ensemble at them
         for block in cfg.model.blocks:
-            run(compose([f"experiment={block.experiment}", *args[1:]] + ml100k_or_csv(block.experiment, csv_data, ml100k_cache, tmp_path)))
-        cfg = compose(args + [f"model.output_dir={out}"] + ml100k_or_csv(name, csv_data, ml100k_cache, tmp_path))
+            run(compose([f"experiment={block.experiment}", *args[1:]] + data_args(block.experiment, csv_data, ml100k_cache, tmp_path, recsys_dir)))
+        cfg = compose(args + [f"model.output_dir={out}"] + data_args(name, csv_data, ml100k_cache, tmp_path, recsys_dir))
     result = run(cfg)
-    targets = [t.name for t in cfg.data.targets]
-    assert targets and all(np.isfinite(result.metrics[f"probe/{t}/auc"]) for t in targets)
+    for t in cfg.data.targets:
+        key = f"downstream/{t.name}/score" if t.kind == "propensity_top" else f"probe/{t.name}/auc"
+        assert np.isfinite(result.metrics[key]), key
     assert (result.run_dir / "metrics.json").is_file() and (result.run_dir / "embeddings.parquet").is_file()
 
 
 def test_full_run_outputs_and_wandb_summary(csv_data, tmp_path):
     events, labels = csv_data
     args = ["experiment=gru_ae_generic_csv", f"output_dir={tmp_path / 'out'}", "run_name=r1", "trainer.max_epochs=2",
-            "model.hidden=16", "model.emb_dim=8"] + ml100k_or_csv("generic", csv_data, None, tmp_path)
+            "model.hidden=16", "model.emb_dim=8"] + data_args("generic", csv_data, None, tmp_path)
     args.append("data.targets=[{name: segment, kind: binary, positive: traveller}, {name: churn, kind: churn}]")
     result = run(compose(args))
     run_dir = tmp_path / "out" / "gru_ae_generic_csv" / "r1"
@@ -63,7 +67,7 @@ def test_full_run_outputs_and_wandb_summary(csv_data, tmp_path):
 
 def test_same_seed_same_metrics(csv_data, tmp_path):
     base = ["experiment=gru_ae_generic_csv", f"output_dir={tmp_path / 'out'}", "trainer.max_epochs=1", "logger.wandb=false",
-            "model.hidden=16", "model.emb_dim=8"] + ml100k_or_csv("generic", csv_data, None, tmp_path)
+            "model.hidden=16", "model.emb_dim=8"] + data_args("generic", csv_data, None, tmp_path)
     a = run(compose(base + ["run_name=a"])).metrics
     b = run(compose(base + ["run_name=b"])).metrics
     assert a["probe/churn/auc"] == b["probe/churn/auc"] and a["val/loss"] == b["val/loss"]

@@ -9,7 +9,7 @@ from datamodules.config import DataConfig
 from datamodules.schema import EventSchema, FieldSpec
 from datamodules.sources.base import DataError, SourceData
 
-SOURCES = ("ml100k", "generic")
+SOURCES = ("ml100k", "generic", "recsys2025")
 
 
 def event_schema(cfg: DataConfig) -> EventSchema:
@@ -29,6 +29,12 @@ def source_files(cfg: DataConfig) -> list[Path]:
 
         folder = Path(cfg.path).expanduser() if cfg.path else ml100k.default_dir()
         files = [folder / f"ml-100k.{ext}" for ext in ("inter", "item", "user")]
+    elif cfg.source == "recsys2025":
+        from datamodules.sources import recsys2025
+
+        if not cfg.path:
+            raise DataError("data.path: the recsys2025 source needs the challenge data directory")
+        files = recsys2025.files(Path(cfg.path).expanduser())
     elif cfg.source == "generic":
         if not cfg.path:
             raise DataError("data.path: the generic source needs an event file or glob")
@@ -49,6 +55,10 @@ def load_source(cfg: DataConfig) -> SourceData:
         from datamodules.sources import ml100k
 
         return ml100k.load(cfg.path)
+    if cfg.source == "recsys2025":
+        from datamodules.sources import recsys2025
+
+        return recsys2025.load(Path(cfg.path).expanduser())
     from datamodules.sources import generic
 
     files = source_files(cfg)

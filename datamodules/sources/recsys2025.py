@@ -1,0 +1,246 @@
+"""RecSys Challenge 2025 (Synerise), read from the official data layout in one directory.
+
+    product_buy.parquet, add_to_cart.parquet, remove_from_cart.parquet   client_id, timestamp, sku
+    page_visit.parquet                                                   client_id, timestamp, url
+    search_query.parquet                                                 client_id, timestamp, query
+    product_properties.parquet                                           sku, category, price, name
+    input/relevant_clients.npy (optional)                                client ids to embed and export
+
+All event tables become one frame, one row per event, with `event_type` naming its table.
+The three product tables get category, price bucket and name from product_properties by
+sku; fields that do not apply to an event (url of a purchase, sku of a search) are null.
+Ids, category and price bucket are categoricals (String), as in "Encode Me If You Can";
+`query` and `name` are codes fields: 16 ints in 0-255, given either as the official string
+"[12 5 ... 200]" or as a list column. Timestamps are "YYYY-MM-DD HH:MM:SS" strings or a
+datetime column.
+
+Every inconsistency is an error naming file, column and row, nothing is dropped or counted:
+the real data is consistent, so a violation means a wrong or damaged file, and silently
+dropping events would change the sequences without anyone noticing. Errors: a missing
+table; a null client_id or timestamp; a non-integer id column; a query or name that is not
+16 ints in 0-255; an sku of an event table missing from product_properties (or null); an
+sku listed twice in product_properties; a client id listed twice in relevant_clients.npy.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from datamodules.schema import EventSchema, FieldSpec
+from datamodules.sources.base import DataError, SourceData, first_row, parse_time, require_columns
+from datamodules.sources.generic import scan_table
+
+PRODUCT_TABLES = ("product_buy", "add_to_cart", "remove_from_cart")
+EVENT_TABLES = (*PRODUCT_TABLES, "page_visit", "search_query")
+PROPERTIES = "product_properties"
+RELEVANT = Path("input") / "relevant_clients.npy"
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+CODE_LENGTH, CODE_MAX = 16, 255
+MAX_SUBMISSION_DIM = 2048
+
+SCHEMA = EventSchema(
+    user="client_id",
+    time="timestamp",
+    fields=[
+        FieldSpec("event_type", "categorical"),
+        FieldSpec("sku", "categorical", top_k=5000),
+        FieldSpec("url", "categorical", top_k=5000),
+        FieldSpec("category", "categorical"),
+        FieldSpec("price", "categorical"),
+        FieldSpec("name", "codes", length=CODE_LENGTH),
+        FieldSpec("query", "codes", length=CODE_LENGTH),
+    ],
+    event_type="event_type",
+)
+CODES = pl.List(pl.Int64)
+OUTPUT_TYPES = {"sku": pl.String, "url": pl.String, "category": pl.String, "price": pl.String, "name": CODES, "query": CODES}
+
+
+def files(path: str | Path) -> list[Path]:
+    """Every file the source reads (for the cache key); a missing table is an error. No parsing."""
+    folder = Path(path).expanduser()
+    found = [folder / f"{name}.parquet" for name in (*EVENT_TABLES, PROPERTIES)]
+    for f in found:
+        if not f.is_file():
+            raise DataError(f"{f}: file not found; the recsys2025 source reads the challenge layout ({', '.join(p.name for p in found)})")
+    relevant = folder / RELEVANT
+    return found + ([relevant] if relevant.is_file() else [])
+
+
+def load(path: str | Path) -> SourceData:
+    """All event tables as one validated, lazy event frame (see datamodules/sources/base.py)."""
+    paths = files(path)
+    folder = Path(path).expanduser()
+    properties = read_properties(folder / f"{PROPERTIES}.parquet")
+    frames = [read_events(folder / f"{name}.parquet", name, properties) for name in EVENT_TABLES]
+    relevant = folder / RELEVANT
+    users = read_relevant(relevant) if relevant.is_file() else None
+    return SourceData("recsys2025", pl.concat(frames, how="vertical"), SCHEMA, None, paths, {}, users)
+
+
+def parse_codes(frame: pl.LazyFrame, column: str, path: Path) -> pl.Expr:
+    """The codes column as List(Int64) of CODE_LENGTH ints in 0-255 (null stays null); anything else is an error.
+
+    Vectorised: strip the brackets, split on spaces or commas, cast each piece; a piece that
+    is not an integer becomes null, which the check below reports with the raw value.
+    """
+    dtype = frame.collect_schema()[column]
+    src = pl.col(column)
+    if dtype == pl.String:
+        parsed = src.str.strip_chars(" \t\n[]").str.replace_all(r"[\s,]+", " ").str.split(" ")
+        parsed = parsed.list.eval(pl.element().cast(pl.Int64, strict=False))
+    elif isinstance(dtype, (pl.List, pl.Array)) and dtype.inner.is_integer():
+        parsed = src.cast(CODES) if isinstance(dtype, pl.List) else src.arr.to_list().cast(CODES)
+    else:
+        raise DataError(f"{path}: column {column!r} has dtype {dtype}; expected a string '[a b ... ]' or a list of {CODE_LENGTH} ints")
+    bad = src.is_not_null() & (
+        (parsed.list.len() != CODE_LENGTH)
+        | (parsed.list.drop_nulls().list.len() != CODE_LENGTH)
+        | (parsed.list.min() < 0)
+        | (parsed.list.max() > CODE_MAX)
+    )
+    row = first_row(frame, bad)
+    if row is not None:
+        raw = frame.filter(pl.col("_row") == row).select(src.cast(pl.String) if dtype == pl.String else src.cast(CODES)).collect().item()
+        raw = raw if isinstance(raw, str) else str(list(raw))
+        raise DataError(f"{path}: column {column!r}, row {row}: expected {CODE_LENGTH} integers in 0-{CODE_MAX}, got {raw!r}")
+    return parsed
+
+
+def require_integer(frame: pl.LazyFrame, column: str, path: Path) -> None:
+    dtype = frame.collect_schema()[column]
+    if not dtype.is_integer():
+        raise DataError(f"{path}: column {column!r} has dtype {dtype}; expected integer ids")
+
+
+def require_not_null(frame: pl.LazyFrame, columns: Sequence[str], path: Path) -> None:
+    for column in columns:
+        row = first_row(frame, pl.col(column).is_null())
+        if row is not None:
+            raise DataError(f"{path}: column {column!r}, row {row}: null {column}")
+
+
+def read_properties(path: Path) -> pl.LazyFrame:
+    """sku -> category, price, name, collected once (it is small and joined into three tables)."""
+    frame = scan_table(path)
+    require_columns(path, frame.collect_schema().names(), {c: "product_properties" for c in ("sku", "category", "price", "name")})
+    require_integer(frame, "sku", path)
+    require_not_null(frame, ["sku"], path)
+    row = first_row(frame, ~pl.col("sku").is_first_distinct())
+    if row is not None:
+        sku = frame.filter(pl.col("_row") == row).select("sku").collect().item()
+        raise DataError(f"{path}: column 'sku', row {row}: sku {sku} is listed more than once")
+    name = parse_codes(frame, "name", path)
+    return (
+        frame.select(
+            pl.col("sku").cast(pl.Int64),
+            pl.col("category").cast(pl.String),
+            pl.col("price").cast(pl.String),
+            name.alias("name"),
+        )
+        .collect()
+        .lazy()
+    )
+
+
+def read_events(path: Path, table: str, properties: pl.LazyFrame) -> pl.LazyFrame:
+    """One event table -> the common event columns; product tables joined with their properties."""
+    frame = scan_table(path)
+    value = "sku" if table in PRODUCT_TABLES else "url" if table == "page_visit" else "query"
+    require_columns(path, frame.collect_schema().names(), {"client_id": "schema.user", "timestamp": "schema.time", value: table})
+    require_integer(frame, "client_id", path)
+    require_not_null(frame, ["client_id", "timestamp"], path)
+    frame = parse_time(frame, "timestamp", TIME_FORMAT, path)
+
+    columns = {name: pl.lit(None, dtype=dtype) for name, dtype in OUTPUT_TYPES.items()}
+    if table in PRODUCT_TABLES:
+        require_integer(frame, "sku", path)
+        require_not_null(frame, ["sku"], path)
+        frame = frame.with_columns(pl.col("sku").cast(pl.Int64))
+        unknown = frame.join(properties, on="sku", how="anti").sort("_row").select("_row", "sku").head(1).collect()
+        if unknown.height:
+            row, sku = unknown.row(0)
+            raise DataError(f"{path}: column 'sku', row {row}: sku {sku} is not in {PROPERTIES}.parquet")
+        frame = frame.join(properties, on="sku", how="left", maintain_order="left")
+        columns.update({c: pl.col(c) for c in ("category", "price", "name")})
+        columns["sku"] = pl.col("sku").cast(pl.String)
+    elif table == "page_visit":
+        require_integer(frame, "url", path)
+        columns["url"] = pl.col("url").cast(pl.String)
+    else:
+        columns["query"] = parse_codes(frame, "query", path)
+    return frame.select(
+        pl.col("_row"),
+        pl.lit(str(path)).alias("_file"),
+        pl.col("client_id").cast(pl.String).alias("user_id"),
+        pl.col("time"),
+        pl.lit(table).alias("event_type"),
+        *[expr.alias(name) for name, expr in columns.items()],
+    )
+
+
+def read_relevant(path: Path) -> list[str]:
+    """The client ids to embed, as strings like `user_id`; duplicates are an error."""
+    try:
+        ids = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: cannot read as .npy: {str(err).splitlines()[0]}") from None
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise DataError(f"{path}: expected a 1-D array of integer client ids, got dtype {ids.dtype} and shape {ids.shape}")
+    values, first, counts = np.unique(ids, return_index=True, return_counts=True)
+    if (counts > 1).any():
+        dup = values[counts > 1][np.argmin(first[counts > 1])]
+        where = np.flatnonzero(ids == dup)[:2].tolist()
+        raise DataError(f"{path}: client id {int(dup)} appears more than once (positions {where[0]} and {where[1]})")
+    return [str(i) for i in ids.tolist()]
+
+
+def write_submission(out_dir: str | Path, client_ids: Sequence[int | str] | np.ndarray, embeddings: np.ndarray) -> tuple[Path, Path]:
+    """Write the challenge submission: client_ids.npy (int64) and embeddings.npy (float16, <= 2048 columns).
+
+    Each file is written under a temporary name and renamed, so a crash never leaves a torn
+    file under the final name. Duplicate ids, non-finite values (also after the float16
+    cast, which overflows beyond 65504), a row count that differs from the ids and more than
+    2048 columns are ValueErrors.
+    """
+    try:
+        ids = np.asarray(client_ids).astype(np.int64)
+    except (TypeError, ValueError):
+        raise ValueError("write_submission: client_ids must be integers (or strings of integers)") from None
+    if ids.ndim != 1:
+        raise ValueError(f"write_submission: client_ids must be 1-D, got shape {ids.shape}")
+    values, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        dups = values[counts > 1]
+        raise ValueError(f"write_submission: {dups.size} duplicate client ids, e.g. {int(dups[0])}")
+    emb = np.asarray(embeddings)
+    if emb.ndim != 2 or emb.shape[0] != ids.size:
+        raise ValueError(f"write_submission: embeddings must have shape ({ids.size}, dim), got {emb.shape}")
+    if not 1 <= emb.shape[1] <= MAX_SUBMISSION_DIM:
+        raise ValueError(f"write_submission: embeddings have {emb.shape[1]} columns; the challenge allows 1 to {MAX_SUBMISSION_DIM}")
+    if not np.issubdtype(emb.dtype, np.number) or not np.isfinite(emb).all():
+        raise ValueError("write_submission: embeddings must be finite numbers (found NaN, inf or a non-number)")
+    with np.errstate(over="ignore"):
+        half = emb.astype(np.float16)
+    if not np.isfinite(half).all():
+        raise ValueError(f"write_submission: embeddings overflow float16 (|value| > {float(np.finfo(np.float16).max):g}); rescale them")
+
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    targets = {out / "client_ids.npy": ids, out / "embeddings.npy": half}
+    temps = {path: path.with_name(f".{path.name}.tmp-{os.getpid()}") for path in targets}
+    try:
+        for path, array in targets.items():
+            with open(temps[path], "wb") as fh:
+                np.save(fh, array)
+        for path in targets:
+            os.replace(temps[path], path)
+    finally:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+    return out / "client_ids.npy", out / "embeddings.npy"

@@ -1,0 +1,169 @@
+"""Synthetic data in real layouts, with planted structure so that targets are learnable.
+
+    python -m datamodules.synthetic recsys2025 --clients 100000 --out /tmp/rs25 [--seed 0] [--days 120]
+
+recsys2025 writes the official RecSys Challenge 2025 layout (see datamodules/sources/recsys2025.py)
+with this planted structure, so a good user embedding has something to find:
+- 8 client archetypes, each with 6 preferred categories, a price level (where in a
+  category's price range it buys) and a pool of typical urls; each client also has one
+  personal favourite category among its archetype's;
+- product names' codes are noise around a per-category centroid, and search queries' codes
+  are noise around the centroid of a category the client likes;
+- activity is heavy-tailed (lognormal rates) with a per-client mix of event types; some
+  clients join late; 30% are churners whose activity decays and stops 7-56 days before the
+  end, so with the default 120 days the last 14 days work as a churn / propensity window.
+The ground truth is not written (the layout stays exactly the official one).
+Everything is vectorised numpy (no per-event Python loop) and deterministic given the seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+EVENT_TABLES = ("product_buy", "add_to_cart", "remove_from_cart", "page_visit", "search_query")
+EVENT_MIX = np.array([0.10, 0.20, 0.07, 0.50, 0.13])  # mean share of each table in a client's events
+START = np.datetime64("2022-06-01T00:00:00", "s").astype(np.int64)  # epoch seconds of day 0
+ARCHETYPES, PREFERRED, URL_POOL, CODE_LENGTH = 8, 6, 40, 16
+CHURN_RATE = 0.3
+
+
+def generate_recsys2025(
+    out_dir: str | Path,
+    clients: int,
+    seed: int = 0,
+    days: int = 120,
+    skus: int = 20000,
+    urls: int = 50000,
+    events_per_client: float = 100.0,
+) -> dict[str, int]:
+    """Write the layout into out_dir; returns the rows written per file (events, properties, relevant clients)."""
+    if clients < 1 or days < 60 or skus < 1 or urls < 1 or events_per_client <= 0:
+        raise ValueError("generate_recsys2025: need clients >= 1, days >= 60, skus >= 1, urls >= 1, events_per_client > 0")
+    rng = np.random.default_rng(seed)
+    out = Path(out_dir)
+    (out / "input").mkdir(parents=True, exist_ok=True)
+
+    # Products: category, price bucket near the category's level, name codes near the category centroid.
+    n_cat = min(skus, max(2 * PREFERRED + 4, skus // 50))
+    cat_of = rng.permutation(np.arange(skus) % n_cat)  # every category has a product
+    cat_price = rng.uniform(10, 90, n_cat)
+    price = np.clip(np.rint(cat_price[cat_of] + rng.normal(0, 10, skus)), 0, 99).astype(np.int64)
+    order = np.lexsort((price, cat_of))  # position j: j-th product sorted by (category, price)
+    cat_of, price = cat_of[order], price[order]
+    cat_start = np.searchsorted(cat_of, np.arange(n_cat))
+    cat_count = np.bincount(cat_of, minlength=n_cat)
+    sku_ids = rng.permutation(skus).astype(np.int64)  # the id of position j, unrelated to category
+    centroid = rng.integers(0, 256, (n_cat, CODE_LENGTH))
+    names = noisy_codes(rng, centroid[cat_of], 12)
+    cat_pop = zipf(n_cat, 0.8)[rng.permutation(n_cat)]
+
+    # Clients: archetype, favourite categories, price level, activity, churn.
+    client_ids = np.sort(rng.choice(np.int64(clients) * 10, size=clients, replace=False)).astype(np.int64)
+    arch = rng.integers(0, ARCHETYPES, clients)
+    arch_cats = np.stack([rng.choice(n_cat, PREFERRED, replace=False) for _ in range(ARCHETYPES)])
+    arch_price = rng.uniform(0.1, 0.9, ARCHETYPES)
+    arch_urls = rng.integers(0, urls, (ARCHETYPES, URL_POOL))
+    favourite = arch_cats[arch, rng.integers(0, PREFERRED, clients)]
+    start = np.where(rng.random(clients) < 0.2, rng.uniform(0, 0.6 * days, clients), 0.0)
+    churner = rng.random(clients) < CHURN_RATE
+    start[churner] = 0.0
+    stop = np.where(churner, rng.uniform(days - 56, days - 7, clients), float(days))
+    rate = events_per_client * rng.lognormal(-0.5, 1.0, clients) * (stop - start) / days
+    n_events = rng.multinomial(rng.poisson(rate), rng.dirichlet(20 * EVENT_MIX, clients))  # [clients, tables]
+
+    counts: dict[str, int] = {}
+    url_pop = zipf(urls, 1.1)
+    for t, table in enumerate(EVENT_TABLES):
+        who = np.repeat(np.arange(clients), n_events[:, t])
+        u = rng.random(who.size)
+        # Churners' density falls linearly to zero at their stop day; the rest is uniform.
+        frac = np.where(churner[who], 1 - np.sqrt(1 - u), u)
+        seconds = START + ((start[who] + frac * (stop[who] - start[who])) * 86400).astype(np.int64)
+        if table == "page_visit":
+            typical = arch_urls[arch[who], rng.choice(URL_POOL, who.size, p=zipf(URL_POOL, 1.0))]
+            value = np.where(rng.random(who.size) < 0.6, typical, rng.choice(urls, who.size, p=url_pop)).astype(np.int64)
+        else:
+            cat = liked_category(rng, who, favourite, arch, arch_cats, cat_pop)
+            if table == "search_query":
+                value = noisy_codes(rng, centroid[cat], 20)
+                scramble = rng.random(who.size) < 0.15
+                value[scramble] = rng.integers(0, 256, (int(scramble.sum()), CODE_LENGTH))
+            else:
+                level = np.clip(arch_price[arch[who]] + rng.normal(0, 0.15, who.size), 0, 0.999)
+                value = sku_ids[cat_start[cat] + (level * cat_count[cat]).astype(np.int64)]
+        by_time = np.argsort(seconds, kind="stable")
+        column = {"product_buy": "sku", "add_to_cart": "sku", "remove_from_cart": "sku", "page_visit": "url", "search_query": "query"}[table]
+        frame = pl.DataFrame(
+            {
+                "client_id": client_ids[who[by_time]],
+                "timestamp": pl.from_epoch(pl.Series(seconds[by_time]), time_unit="s").dt.strftime("%Y-%m-%d %H:%M:%S"),
+                column: codes_to_strings(value[by_time]) if table == "search_query" else value[by_time],
+            }
+        )
+        frame.write_parquet(out / f"{table}.parquet")
+        counts[table] = frame.height
+
+    pl.DataFrame(
+        {"sku": sku_ids, "category": cat_of.astype(np.int64), "price": price, "name": codes_to_strings(names)}
+    ).sort("sku").write_parquet(out / "product_properties.parquet")
+    counts["product_properties"] = skus
+    # Like the challenge's relevant clients: everyone with product activity (buy, add or remove).
+    relevant = client_ids[n_events[:, :3].sum(axis=1) > 0]
+    np.save(out / "input" / "relevant_clients.npy", relevant)
+    counts["relevant_clients"] = int(relevant.size)
+    return counts
+
+
+def zipf(n: int, exponent: float) -> np.ndarray:
+    """Probabilities of a Zipf law over n ranks: a few popular values, a long tail."""
+    p = 1.0 / np.arange(1, n + 1) ** exponent
+    return p / p.sum()
+
+
+def noisy_codes(rng: np.random.Generator, centre: np.ndarray, spread: int) -> np.ndarray:
+    return np.clip(centre + rng.integers(-spread, spread + 1, centre.shape), 0, 255)
+
+
+def liked_category(rng: np.random.Generator, who: np.ndarray, favourite: np.ndarray, arch: np.ndarray, arch_cats: np.ndarray, cat_pop: np.ndarray) -> np.ndarray:
+    """Per event: the client's favourite (45%), another of its archetype's (35%), or any by popularity (20%)."""
+    r = rng.random(who.size)
+    of_archetype = arch_cats[arch[who], rng.integers(0, PREFERRED, who.size)]
+    anywhere = rng.choice(cat_pop.size, who.size, p=cat_pop)
+    return np.where(r < 0.45, favourite[who], np.where(r < 0.8, of_archetype, anywhere))
+
+
+def codes_to_strings(codes: np.ndarray) -> pl.Series:
+    """[n, 16] ints -> the challenge's "[a b ... p]" strings, formatted by Polars (no Python loop)."""
+    array = pl.Series(codes.astype(np.int64)).cast(pl.Array(pl.String, codes.shape[1]))
+    return pl.select(pl.concat_str([pl.lit("["), pl.lit(array).arr.join(" "), pl.lit("]")])).to_series()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m datamodules.synthetic", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="dataset", required=True)
+    rs = sub.add_parser("recsys2025", help="the RecSys Challenge 2025 layout (parquet tables + input/relevant_clients.npy)")
+    rs.add_argument("--clients", type=int, required=True, help="number of clients (about 88 events each with the defaults)")
+    rs.add_argument("--out", type=Path, required=True, help="output directory")
+    rs.add_argument("--seed", type=int, default=0)
+    rs.add_argument("--days", type=int, default=120, help="length of the log in days (>= 60)")
+    rs.add_argument("--skus", type=int, default=20000, help="number of products")
+    rs.add_argument("--urls", type=int, default=50000, help="number of distinct urls")
+    rs.add_argument("--events-per-client", type=float, default=100.0, help="activity scale (the mean is lower: churners and late joiners)")
+    args = parser.parse_args(argv)
+
+    began = time.perf_counter()
+    counts = generate_recsys2025(args.out, args.clients, args.seed, args.days, args.skus, args.urls, args.events_per_client)
+    seconds = time.perf_counter() - began
+    events = sum(counts[t] for t in EVENT_TABLES)
+    for name, n in counts.items():
+        print(f"{name:>20}: {n:,}")
+    print(f"{'events':>20}: {events:,} in {seconds:.1f} s ({events / seconds:,.0f} events/s) -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,317 @@
+"""Next-event GPT ("Encode Me If You Can", RecSys Challenge 2025, "next product" / "next url").
+
+A GPT-2-style causal transformer, trained from scratch, reads a user's events and predicts
+each next event's fields from the state at the current one. The user vector is the
+final-layer state at the user's last real event. The causal mask plus an explicit padding
+mask mean a user's vector never sees pad columns and does not depend on its batch mates.
+
+Numeric values enter and are predicted as `signed_log1p(x) = sign(x) * log1p(|x|)`:
+heavy-tailed prices (1 .. 1e5) become 0.7 .. 11.5, so neither the input projection nor
+the MAE is dominated by a few huge values. A missing value is 0.0 in the batch, the same
+as a real 0; the model learns missingness from the same-named token field (numeric fields
+are bucketed with MISSING at missing values) when that field is in `fields`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GPT2Config, GPT2Model
+
+from datamodules.schema import EOS, MISSING, PAD
+
+SCHEDULES = ("constant", "cosine")
+INIT_STD = 0.02  # GPT-2's initializer_range, used for the layers added around GPT2Model
+
+
+class NextEventGPT(L.LightningModule):
+    """Summed field embeddings + projected values -> GPT-2 -> next-event heads; user vector = last real state.
+
+    Batches follow `datamodules.sequences` (tokens right-padded with PAD, real `lengths`).
+    Training reads one random contiguous window of `slice_min`..`slice_max` events (the
+    paper's 33-65, clamped to the user's length) from anywhere in each user's history, new
+    every step, so the model sees many sub-histories. Validation, `embed` and
+    `predict_step` read the last `max_len` events (longer histories are cut from the left).
+
+    Position embeddings of positions >= `slice_max` get no training signal (windows start at
+    position 0), so with `slice_max < max_len` users longer than `slice_max` are embedded
+    through untrained position rows; set `slice_max = max_len` when that matters.
+    """
+
+    def __init__(
+        self,
+        vocab_sizes: dict[str, int],
+        fields: list[str],
+        value_fields: list[str],
+        predict_fields: list[str],
+        predict_values: list[str],
+        hidden: int = 128,
+        layers: int = 4,
+        heads: int = 4,
+        dropout: float = 0.1,
+        max_len: int = 128,
+        slice_min: int = 33,
+        slice_max: int = 65,
+        sampled_negatives: int | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        schedule: str = "constant",
+    ):
+        super().__init__()
+        # Plain types before save_hyperparameters (it reads these locals), so the
+        # checkpoint loads with weights_only=True.
+        vocab_sizes = {str(f): int(n) for f, n in vocab_sizes.items()}
+        fields, value_fields = [str(f) for f in fields], [str(f) for f in value_fields]
+        predict_fields, predict_values = [str(f) for f in predict_fields], [str(f) for f in predict_values]
+        sampled_negatives = None if sampled_negatives is None else int(sampled_negatives)
+        self.save_hyperparameters()
+        _check_args(self.hparams)
+        self.fields, self.value_fields = fields, value_fields
+        self.predict_fields, self.predict_values = predict_fields, predict_values
+
+        # ModuleLists in field order: field names need not be valid module attribute names.
+        self.embeddings = nn.ModuleList(nn.Embedding(vocab_sizes[f], hidden, padding_idx=PAD) for f in fields)
+        self.value_proj = nn.Linear(len(value_fields), hidden) if value_fields else None
+        config = GPT2Config(
+            vocab_size=1,  # inputs arrive as inputs_embeds; GPT-2's own token table stays unused
+            n_positions=max_len,
+            n_embd=hidden,
+            n_layer=layers,
+            n_head=heads,
+            resid_pdrop=dropout,
+            embd_pdrop=dropout,
+            attn_pdrop=dropout,
+            activation_function="gelu_pytorch_tanh",  # GPT-2's gelu_new as one fused op: ~2x faster on CPU
+            bos_token_id=None,  # no token vocabulary: GPT-2's 50256 would be out of range
+            eos_token_id=None,
+            use_cache=False,
+        )
+        self.gpt = GPT2Model(config)
+        self.gpt.wte.requires_grad_(False)
+        self.heads = nn.ModuleList(nn.Linear(hidden, vocab_sizes[f]) for f in predict_fields)
+        self.value_head = nn.Linear(hidden, len(predict_values)) if predict_values else None
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """GPT-2 initialisation for the added layers: small inputs next to the position
+        embeddings, and near-zero logits so the first loss is the uniform guess."""
+        for m in [*self.embeddings, *self.heads, self.value_proj, self.value_head]:
+            if m is None:
+                continue
+            nn.init.normal_(m.weight, std=INIT_STD)
+            if isinstance(m, nn.Embedding):
+                m.weight.data[PAD].zero_()
+            else:
+                nn.init.zeros_(m.bias)
+
+    # ---------------------------------------------------------------- inputs
+
+    def _view(self, batch: dict, train: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
+        """Tokens, values and lengths the model reads: a random window per user when
+        `train`, else the last `max_len` events. Only the fields this model uses are kept."""
+        lengths = batch["lengths"].to(self.device)
+        tok_names = {*self.fields, *self.predict_fields, *(f for f in self.predict_values if f in batch["tokens"])}
+        tokens = {f: batch["tokens"][f] for f in tok_names}
+        values = {f: batch["values"][f] for f in {*self.value_fields, *self.predict_values}}
+        if train:
+            starts, new_lengths = random_windows(lengths, self.hparams.slice_min, self.hparams.slice_max)
+        elif lengths.max() > self.hparams.max_len:
+            new_lengths = lengths.clamp(max=self.hparams.max_len)
+            starts = lengths - new_lengths
+        else:  # only pad columns can lie beyond max_len: drop them
+            n = self.hparams.max_len
+            return {f: t[:, :n] for f, t in tokens.items()}, {f: v[:, :n] for f, v in values.items()}, lengths
+        tokens = {f: take_windows(t, starts, new_lengths) for f, t in tokens.items()}
+        values = {f: take_windows(v, starts, new_lengths) for f, v in values.items()}
+        return tokens, values, new_lengths
+
+    def _hidden(
+        self, tokens: dict[str, torch.Tensor], values: dict[str, torch.Tensor], lengths: torch.Tensor
+    ) -> torch.Tensor:
+        """Final-layer states [B, T, hidden] (states at pad columns are meaningless)."""
+        x = sum(emb(tokens[f]) for f, emb in zip(self.fields, self.embeddings))
+        if self.value_proj is not None:
+            v = torch.stack([signed_log1p(values[f]) for f in self.value_fields], dim=-1)
+            x = x + self.value_proj(v)
+        T = x.shape[1]
+        mask = (torch.arange(T, device=x.device)[None, :] < lengths[:, None]).long()
+        return self.gpt(inputs_embeds=x, attention_mask=mask).last_hidden_state
+
+    # ---------------------------------------------------------------- outputs
+
+    def embed(self, batch: dict) -> torch.Tensor:
+        """User vectors [B, hidden] float32: the state at each user's last real event.
+
+        Call in eval mode: in train mode, dropout makes them random.
+        """
+        tokens, values, lengths = self._view(batch, train=False)
+        h = self._hidden(tokens, values, lengths)
+        return h[torch.arange(len(lengths), device=h.device), lengths - 1].float()
+
+    def losses(self, batch: dict, train: bool = False) -> dict[str, torch.Tensor]:
+        """Next-event losses: cross-entropy per `predict_fields` field (key: field name) and
+        MAE of signed_log1p value per `predict_values` field (key: `<field>_mae`).
+
+        Position t predicts event t+1, for t+1 < length; a value target also needs its
+        same-named token (when the batch has it) not to be MISSING. Each part is averaged over
+        its real targets. `train` reads random windows and uses sampled softmax when configured.
+        """
+        tokens, values, lengths = self._view(batch, train)
+        h = self._hidden(tokens, values, lengths)[:, :-1]  # states that have a next event slot
+        T = h.shape[1]
+        has_next = torch.arange(T, device=h.device)[None, :] + 1 < lengths[:, None]
+        out = h[has_next]  # [N, hidden]
+        k = self.hparams.sampled_negatives
+        losses = {}
+        for f, head in zip(self.predict_fields, self.heads):
+            target = tokens[f][:, 1:][has_next]
+            if train and k is not None and head.out_features > k:
+                # Uniform over the whole vocabulary (PAD included: it is never a target).
+                negatives = torch.randint(head.out_features, (k,), device=h.device)
+                losses[f] = sampled_softmax_loss(out, head.weight, head.bias, target, negatives)
+            else:
+                n = (target != PAD).sum().clamp(min=1)  # sum / count: a batch of 1-event users gives 0, not NaN
+                losses[f] = F.cross_entropy(head(out), target, ignore_index=PAD, reduction="sum") / n
+        if self.value_head is not None:
+            pred = self.value_head(out)
+            for i, f in enumerate(self.predict_values):
+                target = signed_log1p(values[f][:, 1:][has_next])
+                real = torch.ones_like(target, dtype=torch.bool)
+                if f in tokens:
+                    real = tokens[f][:, 1:][has_next] != MISSING
+                err = (pred[:, i] - target).abs() * real
+                losses[f"{f}_mae"] = err.sum() / real.sum().clamp(min=1)
+        return losses
+
+    # ---------------------------------------------------------------- lightning
+
+    def _step(self, batch: dict, stage: str) -> torch.Tensor:
+        parts = self.losses(batch, train=stage == "train")
+        loss = torch.stack(list(parts.values())).sum()
+        B = len(batch["lengths"])
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=B)
+        for name, v in parts.items():
+            self.log(f"{stage}/loss_{name}", v, on_step=on_step, on_epoch=True, batch_size=B)
+        return loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "val")
+
+    def predict_step(self, batch: dict, batch_idx: int = 0, dataloader_idx: int = 0) -> torch.Tensor:
+        return self.embed(batch)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer | dict:
+        """AdamW; with `warmup_steps` a linear warmup, with schedule="cosine" a cosine decay to 0
+        over the trainer's estimated steps (stepped per optimizer step)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        warmup, cosine = self.hparams.warmup_steps, self.hparams.schedule == "cosine"
+        if not warmup and not cosine:
+            return opt
+        total = max(int(self.trainer.estimated_stepping_batches), warmup + 1) if cosine else 0
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            if not cosine:
+                return 1.0
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup))))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+# -------------------------------------------------------------------- helpers
+
+
+def signed_log1p(x: torch.Tensor) -> torch.Tensor:
+    """sign(x) * log1p(|x|): tames heavy-tailed values, keeps sign and 0."""
+    return torch.sign(x) * torch.log1p(x.abs())
+
+
+def random_windows(
+    lengths: torch.Tensor, slice_min: int, slice_max: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per user a window length uniform in [slice_min, slice_max], clamped to the user's length,
+    and a start uniform over the positions where that window fits. Returns (starts, window lengths)."""
+    B = len(lengths)
+    want = torch.randint(slice_min, slice_max + 1, (B,), generator=generator, device="cpu").to(lengths.device)
+    size = torch.minimum(want, lengths)
+    room = (lengths - size + 1).double()
+    starts = (torch.rand(B, generator=generator, device="cpu", dtype=torch.float64).to(lengths.device) * room).long()
+    return starts.clamp(max=(lengths - size)), size  # clamp guards rand()*room rounding up to room
+
+
+def take_windows(x: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Row b of [B, T] `x` -> x[b, starts[b] : starts[b] + lengths[b]], right-padded with 0 to max(lengths)."""
+    width = int(lengths.max())
+    steps = torch.arange(width, device=x.device)[None, :]
+    idx = (starts[:, None] + steps).clamp(max=x.shape[1] - 1)
+    real = steps < lengths[:, None]
+    return torch.where(real, x.gather(1, idx), torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def sampled_softmax_loss(
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, target: torch.Tensor, negatives: torch.Tensor
+) -> torch.Tensor:
+    """Mean cross-entropy of the true id against shared `negatives` only, over rows of `h` [N, H].
+
+    Logits come from the head's rows: true id and the K negative ids. A negative equal to the
+    row's true id (an accidental hit) is masked out. With uniform sampling the logQ
+    correction is the same constant for every candidate, so it cancels and is omitted.
+    Rows whose target is PAD are skipped.
+    """
+    keep = target != PAD
+    h, target = h[keep], target[keep]
+    true_logit = (h * weight[target]).sum(-1, keepdim=True) + bias[target][:, None]  # [N, 1]
+    neg_logits = h @ weight[negatives].T + bias[negatives]  # [N, K]
+    neg_logits = neg_logits.masked_fill(negatives[None, :] == target[:, None], float("-inf"))
+    logits = torch.cat([true_logit, neg_logits], dim=1)
+    zeros = torch.zeros(len(target), dtype=torch.long, device=h.device)
+    return F.cross_entropy(logits, zeros, reduction="sum") / max(len(target), 1)
+
+
+def _check_args(hp: dict) -> None:
+    """Clear errors for bad constructor arguments (`hp`: the saved hyperparameters)."""
+    vocab_sizes = hp["vocab_sizes"]
+    if not hp["fields"] and not hp["value_fields"]:
+        raise ValueError("fields and value_fields are both empty: the model needs an input")
+    if not hp["predict_fields"] and not hp["predict_values"]:
+        raise ValueError("predict_fields and predict_values are both empty: nothing to predict")
+    for name in ("fields", "value_fields", "predict_fields", "predict_values"):
+        if len(set(hp[name])) != len(hp[name]):
+            raise ValueError(f"{name} has duplicates: {hp[name]}")
+    for f in [*hp["fields"], *hp["predict_fields"]]:
+        if f not in vocab_sizes:
+            raise ValueError(f"token field {f!r} has no vocabulary size; known fields: {sorted(vocab_sizes)}")
+        if vocab_sizes[f] <= EOS:
+            raise ValueError(f"vocab size of {f!r} is {vocab_sizes[f]}; it must cover the reserved ids 0..{EOS}")
+    hidden, heads, layers = hp["hidden"], hp["heads"], hp["layers"]
+    if hidden < 1 or heads < 1 or layers < 1:
+        raise ValueError(f"hidden, heads and layers must be >= 1, got {hidden}, {heads}, {layers}")
+    if hidden % heads:
+        raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads})")
+    if not 0.0 <= hp["dropout"] < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {hp['dropout']}")
+    slice_min, slice_max, max_len = hp["slice_min"], hp["slice_max"], hp["max_len"]
+    if slice_min < 2:
+        raise ValueError(f"slice_min must be >= 2 (a window needs an event and its next), got {slice_min}")
+    if slice_min > slice_max:
+        raise ValueError(f"slice_min ({slice_min}) > slice_max ({slice_max})")
+    if slice_max > max_len:
+        raise ValueError(f"slice_max ({slice_max}) > max_len ({max_len}): windows would not fit the positions")
+    if hp["sampled_negatives"] is not None and hp["sampled_negatives"] < 1:
+        raise ValueError(f"sampled_negatives must be None or >= 1, got {hp['sampled_negatives']}")
+    if hp["warmup_steps"] < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {hp['warmup_steps']}")
+    if hp["schedule"] not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {hp['schedule']!r}")
