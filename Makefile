@@ -8,7 +8,7 @@ export WANDB_SILENT ?= true
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup run test test-slow clean
+.PHONY: setup run test test-slow clean report-encode-me
 
 setup: $(STAMP)
 
@@ -33,3 +33,16 @@ test-slow: $(STAMP)
 
 clean:
 	rm -rf .cache outputs
+
+# Regenerate reports/encode_me.md: every row's experiment on ml100k and on a generated
+# recsys2025 layout, then the ensembles, then the report (about an hour on 2 CPU cores).
+ENCODE_ME_ML100K := gru_ae_ml100k gru_ae_week_all_ml100k gru_ae_day_event_type_ml100k next_item_ml100k ensemble_ml100k
+ENCODE_ME_RECSYS := gru_ae_recsys2025 gru_ae_week_all_recsys2025 gru_ae_day_event_type_recsys2025 gru_ae_sku_text_recsys2025 \
+	next_product_recsys2025 next_url_recsys2025 ensemble_recsys2025
+
+data/recsys2025_synth/product_buy.parquet: | $(STAMP)
+	$(BIN)/python -m datamodules.synthetic recsys2025 --clients 4000 --seed 0 --out data/recsys2025_synth
+
+report-encode-me: $(STAMP) data/recsys2025_synth/product_buy.parquet
+	for e in $(ENCODE_ME_ML100K) $(ENCODE_ME_RECSYS); do $(BIN)/python -m experiments.run experiment=$$e || exit 1; done
+	$(BIN)/python -m reports.build encode_me

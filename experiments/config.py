@@ -130,6 +130,8 @@ class RunConfig:
     """Run directory name (default: a timestamp)."""
     output_dir: str = "outputs"
     """Runs land in output_dir/experiment/run_name/."""
+    export_submission: bool = False
+    """recsys2025: also write submission/client_ids.npy + embeddings.npy (float16) for the relevant clients."""
     data: DataConfig = field(default_factory=DataConfig)
     """Data source and preprocessing."""
     model: Any = None

@@ -85,6 +85,24 @@ def write_embeddings(path: Path, user_ids, embeddings) -> None:
     atomic_write(path, frame.write_parquet)
 
 
+def export_submission(data: DictConfig, prepared, embeddings, out: Path) -> int:
+    """The challenge's submission for its relevant clients; a client without history gets the mean embedding.
+
+    Returns how many relevant clients had no history (counted in metrics.json).
+    """
+    import numpy as np
+
+    from datamodules.sources import recsys2025
+
+    relevant = Path(data.path).expanduser() / "input" / "relevant_clients.npy"
+    ids = recsys2025.read_relevant(relevant) if relevant.is_file() else [str(u) for u in prepared.store.user_ids]
+    index = {str(u): i for i, u in enumerate(prepared.store.user_ids)}
+    rows = np.array([index.get(u, -1) for u in ids])
+    vectors = np.where((rows >= 0)[:, None], embeddings[np.maximum(rows, 0)], embeddings.mean(axis=0))
+    recsys2025.write_submission(out, ids, vectors)
+    return int((rows < 0).sum())
+
+
 def baseline_embeddings(cfg: DictConfig, prepared, dim: int) -> dict:
     """The floors every table shows: handcrafted features and random vectors of the model's width."""
     from datamodules.handcrafted import handcrafted_features, random_embeddings
@@ -184,6 +202,8 @@ def run(cfg: DictConfig, command: str | None = None) -> RunResult:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = EventDataModule(to_dataclass(cfg.data, DataConfig), seed=cfg.seed)
     prepared = datamodule.data  # bad data fails here, before a run directory exists
+    if cfg.export_submission and cfg.data.source != "recsys2025":
+        raise ConfigError(f"export_submission: the challenge's submission needs data.source=recsys2025, not {cfg.data.source!r}")
     module, embeddings = None, None
     try:
         if MODELS[cfg.model.name].target is None:
@@ -221,11 +241,14 @@ def run(cfg: DictConfig, command: str | None = None) -> RunResult:
             summary = dict(lg.experiment.summary)
             lg.experiment.finish()
     if int(os.environ.get("RANK", "0")) == 0:
-        atomic_write(run_dir / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=1, sort_keys=True)))
+        # metrics.json last: its presence marks a finished run (experiments.rundirs)
         write_embeddings(run_dir / "embeddings.parquet", prepared.store.user_ids, embeddings)
+        if cfg.export_submission:
+            metrics["data/relevant_clients_without_history"] = export_submission(cfg.data, prepared, embeddings, run_dir / "submission")
         if module is not None:
             weights = {k: v.contiguous() for k, v in module.state_dict().items()}
             atomic_write(run_dir / "model.safetensors", lambda p: save_file(weights, str(p)))
+        atomic_write(run_dir / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=1, sort_keys=True)))
     return RunResult(run_dir, metrics, rows, summary)
 
 

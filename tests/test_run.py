@@ -83,3 +83,25 @@ def test_bad_data_leaves_no_run_directory(tmp_path, capsys):
     assert "data error:" in capsys.readouterr().err
     assert not out.exists()
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+def test_challenge_submission_export(recsys_dir, tmp_path):
+    from datamodules.sources.recsys2025 import read_relevant
+
+    args = ["experiment=gru_ae_recsys2025", "trainer.fast_dev_run=true", "logger.wandb=false", f"output_dir={tmp_path / 'out'}",
+            "run_name=sub", "export_submission=true", "probe.baselines=[]"] + data_args("recsys2025", None, None, tmp_path, recsys_dir)
+    result = run(compose(args))
+    ids = np.load(result.run_dir / "submission" / "client_ids.npy")
+    emb = np.load(result.run_dir / "submission" / "embeddings.npy")
+    assert ids.dtype == np.int64 and emb.dtype == np.float16
+    assert [str(i) for i in ids] == read_relevant(recsys_dir / "input" / "relevant_clients.npy")
+    assert emb.shape == (len(ids), 128) and np.isfinite(emb).all()
+    assert "data/relevant_clients_without_history" in json.loads((result.run_dir / "metrics.json").read_text())
+
+
+def test_submission_export_needs_recsys_source(tmp_path, ml100k_cache):
+    from experiments.config import ConfigError
+
+    with pytest.raises(ConfigError, match="export_submission"):
+        run(compose(["export_submission=true", f"data.cache_dir={ml100k_cache}", f"output_dir={tmp_path}"]))
+    assert not any(tmp_path.iterdir())
