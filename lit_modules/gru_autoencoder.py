@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from datamodules.schema import EOS, MISSING, PAD, SOS
+from lit_modules.losses import log_loss_parts
 
 COMBINE_MODES = ("sum", "concat")
 
@@ -118,14 +119,7 @@ class GRUAutoencoder(L.LightningModule):
         return losses
 
     def _step(self, batch: dict, stage: str) -> torch.Tensor:
-        per_field = self.losses(batch)
-        loss = torch.stack(list(per_field.values())).sum()
-        B = len(batch["index"])
-        on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=B)
-        for f, v in per_field.items():
-            self.log(f"{stage}/loss_{f}", v, on_step=on_step, on_epoch=True, batch_size=B)
-        return loss
+        return log_loss_parts(self, self.losses(batch), stage, len(batch["index"]))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")

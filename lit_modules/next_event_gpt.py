@@ -23,6 +23,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2Model
 
 from datamodules.schema import EOS, MISSING, PAD
+from lit_modules.losses import log_loss_parts
 
 SCHEDULES = ("constant", "cosine")
 INIT_STD = 0.02  # GPT-2's initializer_range, used for the layers added around GPT2Model
@@ -191,14 +192,7 @@ class NextEventGPT(L.LightningModule):
     # ---------------------------------------------------------------- lightning
 
     def _step(self, batch: dict, stage: str) -> torch.Tensor:
-        parts = self.losses(batch, train=stage == "train")
-        loss = torch.stack(list(parts.values())).sum()
-        B = len(batch["lengths"])
-        on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=B)
-        for name, v in parts.items():
-            self.log(f"{stage}/loss_{name}", v, on_step=on_step, on_epoch=True, batch_size=B)
-        return loss
+        return log_loss_parts(self, self.losses(batch, train=stage == "train"), stage, len(batch["lengths"]))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")

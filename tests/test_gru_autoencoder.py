@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import math
 
-import lightning.pytorch as L
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from datamodules.schema import FIRST_ID
-from datamodules.sequences import Collator, SequenceStore, UserIndexDataset
+from datamodules.sequences import Collator, SequenceStore
 from lit_modules.gru_autoencoder import GRUAutoencoder
+from tests.helpers import loader, quiet_trainer, with_pad_columns
 
 N_USERS = 40
 VOCAB = {"event": FIRST_ID + 4, "item": FIRST_ID + 8, "unused": FIRST_ID + 3}
@@ -63,32 +62,6 @@ def total_loss(model: GRUAutoencoder, batch: dict) -> torch.Tensor:
     return torch.stack(list(model.losses(batch).values())).sum()
 
 
-def with_pad_columns(batch: dict, extra: int = 7) -> dict:
-    """The same batch with `extra` more pad columns on every tokens and values tensor."""
-    return {
-        **batch,
-        "tokens": {f: F.pad(t, (0, extra)) for f, t in batch["tokens"].items()},
-        "values": {f: F.pad(t, (0, extra)) for f, t in batch["values"].items()},
-    }
-
-
-def loader(store: SequenceStore, shuffle: bool) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(
-        UserIndexDataset(np.arange(len(store))), batch_size=8, shuffle=shuffle, collate_fn=Collator(store)
-    )
-
-
-def trainer(max_epochs: int) -> L.Trainer:
-    return L.Trainer(
-        max_epochs=max_epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-
-
 @torch.no_grad()
 def test_embed_ignores_padding_and_batch_mates(collate: Collator) -> None:
     model = make_model().eval()
@@ -135,7 +108,7 @@ def test_loss_falls_with_training(store: SequenceStore, collate: Collator) -> No
     full = collate(list(range(N_USERS)))
     with torch.no_grad():
         before = total_loss(model, full).item()
-    fit = trainer(max_epochs=25)
+    fit = quiet_trainer(max_epochs=25)
     fit.fit(model, loader(store, shuffle=True))
     assert {"train/loss_epoch", "train/loss_event", "train/loss_item"} <= fit.callback_metrics.keys()
     model.eval()
@@ -170,7 +143,7 @@ def test_bad_args_raise(kw: dict, match: str) -> None:
 
 def test_checkpoint_round_trip(store: SequenceStore, collate: Collator, tmp_path) -> None:
     model = make_model(combine="concat", dropout=0.1)
-    fit = trainer(max_epochs=1)
+    fit = quiet_trainer(max_epochs=1)
     fit.fit(model, loader(store, shuffle=False), loader(store, shuffle=False))
     assert "val/loss" in fit.callback_metrics
     path = tmp_path / "gru_ae.ckpt"

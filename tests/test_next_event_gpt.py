@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 
-import lightning.pytorch as L
 import numpy as np
 import pytest
 import torch
@@ -13,8 +12,9 @@ import torch.nn.functional as F
 
 import lit_modules.next_event_gpt as gpt_module
 from datamodules.schema import FIRST_ID, MISSING
-from datamodules.sequences import Collator, SequenceStore, UserIndexDataset
+from datamodules.sequences import Collator, SequenceStore
 from lit_modules.next_event_gpt import NextEventGPT, random_windows, sampled_softmax_loss, signed_log1p, take_windows
+from tests.helpers import loader, quiet_trainer, with_pad_columns
 
 N_USERS = 40
 VOCAB = {"event": FIRST_ID + 4, "item": FIRST_ID + 8, "price": FIRST_ID + 4, "unused": FIRST_ID + 3}
@@ -73,32 +73,6 @@ def make_model(**kw) -> NextEventGPT:
 
 def total_loss(model: NextEventGPT, batch: dict, train: bool = False) -> torch.Tensor:
     return torch.stack(list(model.losses(batch, train=train).values())).sum()
-
-
-def with_pad_columns(batch: dict, extra: int = 7) -> dict:
-    """The same batch with `extra` more pad columns on every tokens and values tensor."""
-    return {
-        **batch,
-        "tokens": {f: F.pad(t, (0, extra)) for f, t in batch["tokens"].items()},
-        "values": {f: F.pad(t, (0, extra)) for f, t in batch["values"].items()},
-    }
-
-
-def loader(store: SequenceStore, shuffle: bool) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(
-        UserIndexDataset(np.arange(len(store))), batch_size=8, shuffle=shuffle, collate_fn=Collator(store)
-    )
-
-
-def trainer(max_epochs: int) -> L.Trainer:
-    return L.Trainer(
-        max_epochs=max_epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
 
 
 @torch.no_grad()
@@ -162,7 +136,7 @@ def test_loss_falls_with_training(store: SequenceStore, collate: Collator) -> No
     with torch.no_grad():
         before = total_loss(model.eval(), full).item()
     model.train()
-    fit = trainer(max_epochs=10)
+    fit = quiet_trainer(max_epochs=10)
     fit.fit(model, loader(store, shuffle=True))
     logged = {"train/loss_epoch", "train/loss_event", "train/loss_item", "train/loss_price_mae"}
     assert logged <= fit.callback_metrics.keys()
@@ -258,7 +232,7 @@ def test_model_uses_sampled_softmax_only_in_training(collate: Collator, monkeypa
 
 def test_checkpoint_round_trip(store: SequenceStore, collate: Collator, tmp_path) -> None:
     model = make_model(dropout=0.1, warmup_steps=2, schedule="cosine", sampled_negatives=10)
-    fit = trainer(max_epochs=1)
+    fit = quiet_trainer(max_epochs=1)
     fit.fit(model, loader(store, shuffle=False), loader(store, shuffle=False))
     assert "val/loss" in fit.callback_metrics
     assert fit.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)  # cosine decayed to 0 at the end
