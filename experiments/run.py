@@ -158,20 +158,9 @@ def fit_and_embed(cfg: DictConfig, datamodule, module, loggers: list, run_dir: P
     if cfg.probe.every_n_epochs:  # probe curves during training; the final numbers come from evaluate()
         targets = [t for t in datamodule.data.targets if t.kind != "multilabel"]
         callbacks.append(LinearProbe(targets, datamodule.predict_dataloader, cfg.probe.every_n_epochs, cfg.probe.C, cfg.seed, cfg.probe.max_iter, at_fit_end=False))
-    t = cfg.trainer
+    settings = {k: v for k, v in OmegaConf.to_container(cfg.trainer).items() if k != "early_stopping_patience"}
     trainer = L.Trainer(
-        max_epochs=t.max_epochs,
-        accelerator=t.accelerator,
-        devices=t.devices,
-        strategy=t.strategy,
-        num_nodes=t.num_nodes,
-        precision=t.precision,
-        gradient_clip_val=t.gradient_clip_val,
-        fast_dev_run=t.fast_dev_run,
-        limit_train_batches=t.limit_train_batches,
-        limit_val_batches=t.limit_val_batches,
-        log_every_n_steps=t.log_every_n_steps,
-        deterministic=t.deterministic,
+        **settings,
         logger=loggers or False,
         callbacks=callbacks,
         default_root_dir=str(run_dir),
