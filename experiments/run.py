@@ -248,7 +248,7 @@ def print_table(result: RunResult) -> None:
 
     first = next(iter(result.rows.values()))
     keys = list(dict.fromkeys(k.rsplit("/", 1)[0] for k in first))  # probe/<t>, downstream/<t>
-    table = Table(title="Evaluation on the eval half of each target (probe: ROC-AUC / KS; downstream MLP: AUROC / score)")
+    table = Table(title="Eval half of each target. Probe: ROC-AUC / KS; MLP: AUROC / score")
     table.add_column("target")
     for name in result.rows:
         table.add_column(name.removeprefix("baseline/"), justify="right")
