@@ -30,9 +30,13 @@ def test_section_rows_sums_commands_and_verdict(tmp_path):
     assert "| handcrafted | 0.500 | 0.550 | 1.050 |" in text
     assert "experiment=exp_b" in text
     assert "| C | — | — | — | not run yet: `python -m experiments.run experiment=exp_c`" in text
-    assert "the ensemble's Sum 1.360 is NOT as good as the best single block, B (1.400)" in text
+    assert "the ensemble's Sum 1.360 is NOT as good as the best single learned block, B (1.400)" in text
+    assert "is at least as good as the best single block (handcrafted included), B (1.400)" not in text
 
 
 def test_verdict_needs_both_sides():
     assert "no verdict" in reports.verdict({"A": 1.0}, ["A"], "ensemble")
-    assert "at least as good as" in reports.verdict({"A": 1.0, "ensemble": 1.0}, ["A"], "ensemble")
+    assert "at least as good as the best single learned block, A" in reports.verdict({"A": 1.0, "ensemble": 1.0}, ["A"], "ensemble")
+    both = reports.verdict({"A": 1.0, "handcrafted": 1.2, "ensemble": 1.1}, ["A", "handcrafted"], "ensemble")
+    assert "at least as good as the best single learned block, A (1.000)" in both
+    assert "NOT as good as the best single block (handcrafted included), handcrafted (1.200)" in both
