@@ -61,3 +61,63 @@ class EventDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> torch.utils.data.DataLoader:
         return self.loader(np.arange(len(self.data.store)), shuffle=False)
+
+
+class TextDataModule(L.LightningDataModule):
+    """Users rendered as text and tokenized for a language model, on the same users and splits as EventDataModule.
+
+    Training batches may be packed (pack_length) and may cycle through several formats (the
+    LLM4ES format augmentation); validation and predict batches are one user per row in
+    plain text, so `embed` sees every user exactly once.
+    """
+
+    def __init__(
+        self,
+        events: EventDataModule,
+        model_path: str,
+        max_tokens: int = 512,
+        formats: tuple[str, ...] = ("plain",),
+        max_events: int | None = None,
+        header: bool = True,
+        pack_length: int | None = None,
+        block_mask: bool = False,
+        padding_side: str = "right",
+    ):
+        super().__init__()
+        from datamodules.text import load_tokenizer
+
+        self.events = events
+        self.tokenizer = load_tokenizer(model_path, padding_side)
+        self.settings = dict(max_tokens=max_tokens, max_events=max_events, header=header)
+        self.formats = tuple(formats)
+        self.pack_length, self.block_mask, self.padding_side = pack_length, block_mask, padding_side
+
+    @property
+    def data(self) -> Prepared:
+        return self.events.data
+
+    def loader(self, rows: np.ndarray, train: bool) -> torch.utils.data.DataLoader:
+        from datamodules.text import TextBatchBuilder, UserTextDataset
+
+        formats = self.formats if train else ("plain",)
+        dataset = UserTextDataset(self.data, rows, self.tokenizer, formats=formats, **self.settings)
+        pack = self.pack_length if train else None
+        collate = TextBatchBuilder(self.tokenizer.pad_token_id, self.padding_side, pack, self.block_mask and pack is not None)
+        generator = torch.Generator().manual_seed(self.events.seed)
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_size=self.events.cfg.batch_size,
+            shuffle=train,
+            generator=generator if train else None,
+            collate_fn=collate,
+            num_workers=self.events.cfg.num_workers,
+        )
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return self.loader(np.flatnonzero(~self.data.is_val), train=True)
+
+    def val_dataloader(self) -> torch.utils.data.DataLoader:
+        return self.loader(np.flatnonzero(self.data.is_val), train=False)
+
+    def predict_dataloader(self) -> torch.utils.data.DataLoader:
+        return self.loader(np.arange(len(self.data.store)), train=False)

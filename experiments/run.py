@@ -186,7 +186,7 @@ def run(cfg: DictConfig, command: str | None = None) -> RunResult:
     from safetensors.torch import save_file
 
     from datamodules.datamodule import EventDataModule
-    from lit_modules.registry import MODELS, build_module
+    from lit_modules.registry import MODELS, build_datamodule, build_module
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = EventDataModule(to_dataclass(cfg.data, DataConfig), seed=cfg.seed)
@@ -201,7 +201,8 @@ def run(cfg: DictConfig, command: str | None = None) -> RunResult:
             embeddings = ensemble_embeddings(OmegaConf.to_container(cfg.model), prepared, cutoff_epoch(prepared), cfg.seed)
         else:
             module = build_module(OmegaConf.to_container(cfg.model), prepared)
-    except ValueError as err:
+            datamodule = build_datamodule(OmegaConf.to_container(cfg.model), datamodule)
+    except (ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err)) from None
 
     run_dir = make_run_dir(cfg)
@@ -210,8 +211,12 @@ def run(cfg: DictConfig, command: str | None = None) -> RunResult:
         atomic_write(run_dir / "command.txt", lambda p: p.write_text(command + "\n"))
     loggers = build_loggers(cfg, run_dir)
     metrics, step = {}, 0
-    if module is not None:
+    if module is not None and any(p.requires_grad for p in module.parameters()):
         embeddings, metrics, step = fit_and_embed(cfg, datamodule, module, loggers, run_dir)
+    elif module is not None:  # a frozen feature extractor: nothing to fit
+        from callbacks.probe import embed_all
+
+        embeddings = embed_all(module, datamodule.predict_dataloader())
 
     rows = {cfg.model.name: evaluate(cfg, prepared, embeddings)}
     for name, features in baseline_embeddings(cfg, prepared, embeddings.shape[1]).items():
@@ -248,7 +253,7 @@ def print_table(result: RunResult) -> None:
 
     first = next(iter(result.rows.values()))
     keys = list(dict.fromkeys(k.rsplit("/", 1)[0] for k in first))  # probe/<t>, downstream/<t>
-    table = Table(title="Eval half of each target. Probe: ROC-AUC / KS; MLP: AUROC / score")
+    table = Table(title="Eval halves. Probe: AUC / KS; MLP: AUROC / score")
     table.add_column("target")
     for name in result.rows:
         table.add_column(name.removeprefix("baseline/"), justify="right")

