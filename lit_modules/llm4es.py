@@ -149,7 +149,9 @@ class LLM4ESFinetune(L.LightningModule):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if lora:
             model = with_lora(model, lora_r, lora_alpha, lora_dropout, lora_targets)
-        self.model = model
+        # from_pretrained returns the model in eval mode; Lightning keeps submodule modes, so
+        # without this the fine-tuning would run with dropout off.
+        self.model = model.train()
         self.attn_implementation = model.config._attn_implementation
 
     def forward(self, batch: dict, **kwargs: Any) -> Any:

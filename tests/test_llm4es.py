@@ -194,3 +194,9 @@ def test_feature_extractor_is_frozen_and_deterministic(model_dirs):
     assert torch.equal(fx.embed(padded(items)), first)
     assert torch.allclose(fx.predict_step(padded(items, "left", 3)), first, atol=1e-5)
     assert first.shape == (len(items), 32) and torch.isfinite(first).all()
+
+
+def test_finetuned_model_starts_in_train_mode(tmp_path):
+    """from_pretrained returns eval mode; fine-tuning must not silently run with dropout off."""
+    model = LLM4ESFinetune(model_path=MINILM)
+    assert model.model.training and all(m.training for m in model.model.modules())
