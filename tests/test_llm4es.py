@@ -200,3 +200,19 @@ def test_finetuned_model_starts_in_train_mode(tmp_path):
     """from_pretrained returns eval mode; fine-tuning must not silently run with dropout off."""
     model = LLM4ESFinetune(model_path=MINILM)
     assert model.model.training and all(m.training for m in model.model.modules())
+
+
+def test_random_causal_lm_loads_and_fine_tunes_through_the_same_path(tmp_path):
+    from lit_modules.random_lm import save_random_causal_lm
+
+    path = save_random_causal_lm(tmp_path / "rand", MINILM, num_hidden_layers=2)
+    model = LLM4ESFinetune(model_path=str(path), from_layer=-2)
+    pretrained = minilm_decoder()
+    assert type(model.model) is type(pretrained) and model.model.config.is_decoder
+    emb = model.model.get_input_embeddings().weight
+    assert not torch.allclose(emb, pretrained.get_input_embeddings().weight)
+    tok = load_tokenizer(str(path))
+    enc = tok(["event type: 5; item: Toy Story"], return_tensors="pt")
+    batch = {"index": torch.tensor([0]), "input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    assert model.embed(batch).shape == (1, 384)
+    assert tok("event type: 5")["input_ids"] == load_tokenizer(MINILM)("event type: 5")["input_ids"]
