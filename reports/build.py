@@ -104,6 +104,39 @@ REPORTS = {
         single_rows=["GRU-AE all", "GRU-AE week_all", "GRU-AE day_event_type", "GRU-AE sku_text", "next item (NextEventGPT)",
                      "next product (NextEventGPT)", "next url (NextEventGPT)", "handcrafted"],
     ),
+    "llm4es": Report(
+        title="LLM4ES on MovieLens-100k: does fine-tuning on event text help, and does it add to GRU-AE?",
+        intro=(
+            "Rows: a frozen LM reading the last 64 events (the \"Encode Me\" feature extractor), LLM4ES (the same LM "
+            "fine-tuned by next-token prediction on each user's events as text, LLM4ES pooling), LLM4ES with format "
+            "augmentation (plain, JSON and Markdown renderings), GRU-AE, and the ensemble of GRU-AE + LLM4ES. "
+            "The CPU backbone is all-MiniLM-L6-v2 run as a causal decoder; see the section below for how it compares "
+            "with the same architecture trained from random weights. Linear probe ROC-AUC on the eval halves; Sum adds them."
+        ),
+        sections=[
+            Section(
+                title="MovieLens-100k (recbole's copy; history = first 80% of ratings, churn window 30 days)",
+                data_note="Users with ratings before the cutoff; each target's users split 50/50 into probe fit and eval halves.",
+                rows=[
+                    ("frozen LM (lm_features)", "lm_features"),
+                    ("LLM4ES", "llm4es"),
+                    ("LLM4ES + format augmentation", "llm4es_formats"),
+                    ("LLM4ES, random-weights backbone", "llm4es_random"),
+                    ("GRU-AE", "gru_ae_ml100k"),
+                    ("ensemble GRU-AE + LLM4ES", "ensemble_llm4es_ml100k"),
+                ],
+                columns=ML100K_COLUMNS,
+                baselines_from="gru_ae_ml100k",
+            ),
+        ],
+        paper=(
+            "LLM4ES reports its results on bank-transaction datasets (Gender, Age, Rosbank churn) with Llama-3.2 and "
+            "Qwen2.5 backbones and gradient boosting on the embeddings; we have none of that data here, so no figure "
+            "of the paper is comparable with the table above and none is quoted."
+        ),
+        ensemble_row="ensemble GRU-AE + LLM4ES",
+        single_rows=["LLM4ES", "GRU-AE"],
+    ),
 }
 
 

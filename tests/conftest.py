@@ -87,3 +87,11 @@ def recsys_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("recsys2025")
     generate_recsys2025(out, clients=150, seed=0, days=60)
     return out
+
+
+@pytest.fixture(scope="session")
+def random_lm_dir(tmp_path_factory) -> Path:
+    """The random-weights MiniLM comparator, as `python -m lit_modules.random_lm` writes it."""
+    from lit_modules.random_lm import save_random_causal_lm
+
+    return save_random_causal_lm(tmp_path_factory.mktemp("models") / "minilm_random")
