@@ -183,7 +183,7 @@ def fit_and_embed(cfg: DictConfig, datamodule, module, loggers: list, run_dir: P
 def run(cfg: DictConfig, command: str | None = None) -> RunResult:
     """Fit the configured method (or assemble an ensemble), embed every user, evaluate, write the run directory."""
     import lightning.pytorch as L
-    from safetensors.torch import save_file
+    from safetensors.torch import save_model
 
     from datamodules.datamodule import EventDataModule
     from lit_modules.registry import MODELS, build_datamodule, build_module
@@ -240,8 +240,8 @@ def run(cfg: DictConfig, command: str | None = None) -> RunResult:
         if cfg.export_submission:
             metrics["data/relevant_clients_without_history"] = export_submission(cfg.data, prepared, embeddings, run_dir / "submission")
         if module is not None:
-            weights = {k: v.contiguous() for k, v in module.state_dict().items()}
-            atomic_write(run_dir / "model.safetensors", lambda p: save_file(weights, str(p)))
+            # save_model drops the duplicates of tied weights (e.g. an LM head tied to its embeddings)
+            atomic_write(run_dir / "model.safetensors", lambda p: save_model(module, str(p)))
         atomic_write(run_dir / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=1, sort_keys=True)))
     return RunResult(run_dir, metrics, rows, summary)
 
