@@ -25,13 +25,18 @@ def test_section_rows_sums_commands_and_verdict(tmp_path):
                                  "baseline/handcrafted/probe/y/auc": 0.55}, "python -m experiments.run experiment=exp_a")
     fake_run(tmp_path, "exp_b", {"probe/x/auc": 0.65, "probe/y/auc": 0.75}, "python -m experiments.run experiment=exp_b")
     fake_run(tmp_path, "exp_e", {"probe/x/auc": 0.66, "probe/y/auc": 0.7}, "python -m experiments.run experiment=exp_e")
-    text = "\n".join(reports.section_table(section, tmp_path, ["A", "B", "handcrafted"], "ensemble"))
+    report = reports.Report(title="t", intro="i", sections=[section], paper="p", single_rows=["A", "B", "handcrafted"],
+                            claims=[("B", "A"), ("A", "B"), ("A", "C")])
+    text = "\n".join(reports.section_table(section, tmp_path, report))
     assert "| A | 0.600 | 0.700 | 1.300 |" in text
     assert "| handcrafted | 0.500 | 0.550 | 1.050 |" in text
     assert "experiment=exp_b" in text
     assert "| C | — | — | — | not run yet: `python -m experiments.run experiment=exp_c`" in text
     assert "the ensemble's Sum 1.360 is NOT as good as the best single learned block, B (1.400)" in text
     assert "is at least as good as the best single block (handcrafted included), B (1.400)" not in text
+    assert '- Claim "B beats A" holds here: Sum 1.400 vs 1.300.' in text
+    assert '- Claim "A beats B" does NOT hold here: Sum 1.300 vs 1.400.' in text
+    assert "- A vs C: not both runs are finished, no verdict." in text
 
 
 def test_verdict_needs_both_sides():
