@@ -19,6 +19,7 @@ class EventDataModule(L.LightningDataModule):
         self.cfg = cfg
         self.seed = seed
         self.prepared: Prepared | None = None
+        self.train_position: dict[str, int] | None = None  # set by callbacks.resume.ResumeState when a fit resumes
 
     def prepare_data(self) -> None:
         prepare(self.cfg, self.seed)
@@ -38,23 +39,30 @@ class EventDataModule(L.LightningDataModule):
         return self.data.store.vocab_sizes
 
     def loader(self, rows: np.ndarray, shuffle: bool) -> torch.utils.data.DataLoader:
+        """Batches from a seeded sampler whose epoch order depends only on (seed, epoch): resumable mid-epoch.
+
+        The loader's own generator seeds worker processes, so creating an iterator never
+        draws from the global torch RNG (a resumed run would otherwise draw differently).
+        """
         store = self.data.store
-        if self.cfg.bucket_by_length:
-            lengths = store.lengths[rows]
-            sampler = LengthBucketBatchSampler(lengths, self.cfg.batch_size, shuffle=shuffle, seed=self.seed)
-        else:
-            base = torch.utils.data.RandomSampler(rows, generator=torch.Generator().manual_seed(self.seed)) if shuffle else range(len(rows))
-            sampler = torch.utils.data.BatchSampler(base, self.cfg.batch_size, drop_last=False)
+        sampler = LengthBucketBatchSampler(
+            store.lengths[rows], self.cfg.batch_size, shuffle=shuffle, seed=self.seed, by_length=self.cfg.bucket_by_length
+        )
         return torch.utils.data.DataLoader(
             UserIndexDataset(rows),
             batch_sampler=sampler,
             collate_fn=Collator(store),
             num_workers=self.cfg.num_workers,
             persistent_workers=self.cfg.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
-        return self.loader(np.flatnonzero(~self.data.is_val), shuffle=True)
+        loader = self.loader(np.flatnonzero(~self.data.is_val), shuffle=True)
+        if self.train_position is not None:  # a resumed fit: continue the interrupted epoch where it stopped
+            loader.batch_sampler.load_state_dict(self.train_position)
+            self.train_position = None
+        return loader
 
     def val_dataloader(self) -> torch.utils.data.DataLoader:
         return self.loader(np.flatnonzero(self.data.is_val), shuffle=False)
@@ -103,12 +111,12 @@ class TextDataModule(L.LightningDataModule):
         dataset = UserTextDataset(self.data, rows, self.tokenizer, formats=formats, **self.settings)
         pack = self.pack_length if train else None
         collate = TextBatchBuilder(self.tokenizer.pad_token_id, self.padding_side, pack, self.block_mask and pack is not None)
-        generator = torch.Generator().manual_seed(self.events.seed)
+        generator = torch.Generator().manual_seed(self.events.seed)  # never the global RNG, even for val/predict
         return torch.utils.data.DataLoader(
             dataset,
             batch_size=self.events.cfg.batch_size,
             shuffle=train,
-            generator=generator if train else None,
+            generator=generator,
             collate_fn=collate,
             num_workers=self.events.cfg.num_workers,
         )

@@ -115,8 +115,10 @@ class LengthBucketBatchSampler(torch.utils.data.Sampler[list[int]]):
     """Batches of similar length, in a seeded random order that changes with the epoch.
 
     Positions are shuffled, cut into pools of `pool_batches` batches, each pool sorted by
-    length and cut into batches; the batch order is shuffled again. Less padding per
-    batch, still a different mix every epoch. Yields positions into `lengths`.
+    length (unless `by_length` is off) and cut into batches; the batch order is shuffled
+    again. Less padding per batch, still a different mix every epoch. Yields positions into
+    `lengths`. The order of epoch e depends only on (seed, e), so a run resumed mid-epoch
+    replays the same epoch and skips the batches it already trained on (`load_state_dict`).
     """
 
     def __init__(
@@ -127,6 +129,7 @@ class LengthBucketBatchSampler(torch.utils.data.Sampler[list[int]]):
         seed: int = 0,
         pool_batches: int = 50,
         drop_last: bool = False,
+        by_length: bool = True,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -136,10 +139,22 @@ class LengthBucketBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.seed = seed
         self.pool = max(1, pool_batches) * batch_size
         self.drop_last = drop_last
+        self.by_length = by_length
         self.epoch = 0
+        self.resume_at = 0  # batches of the next epoch to skip (already trained before a crash)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "resume_at": self.resume_at}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Position of the next epoch: its number and how many of its batches are already done."""
+        epoch, done = int(state["epoch"]), int(state["resume_at"])
+        if done >= len(self):  # the epoch was complete: start the next one from its first batch
+            epoch, done = epoch + 1, 0
+        self.epoch, self.resume_at = epoch, done
 
     def batches(self) -> list[np.ndarray]:
         n = len(self.lengths)
@@ -148,18 +163,21 @@ class LengthBucketBatchSampler(torch.utils.data.Sampler[list[int]]):
         out: list[np.ndarray] = []
         for start in range(0, n, self.pool):
             chunk = order[start : start + self.pool]
-            chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
+            if self.by_length:
+                chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
             out.extend(chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size))
         if self.drop_last:
             out = [b for b in out if len(b) == self.batch_size]
-        if self.shuffle:
+        if self.shuffle and self.by_length:
             out = [out[i] for i in rng.permutation(len(out))]
         return out
 
     def __iter__(self) -> Iterator[list[int]]:
+        # A generator: the order is drawn at the first batch, after a resume has set the position.
         # Lightning only calls set_epoch on a batch sampler's inner sampler, so advance here.
-        batches = self.batches()
+        batches = self.batches()[self.resume_at :]
         self.epoch += 1
+        self.resume_at = 0
         for b in batches:
             yield b.tolist()
 

@@ -66,6 +66,10 @@ class TrainerConfig:
     """Logging interval in steps."""
     deterministic: bool = True
     """Deterministic algorithms (reproducible runs)."""
+    checkpoint_every_n_steps: int | None = None
+    """Also write checkpoints/last.ckpt every N optimizer steps, so resume=true loses at most N steps (null: every epoch)."""
+    on_nonfinite: str = "error"
+    """A NaN/inf loss or gradient: error (stop, naming step, users and loss parts; exit code 3) | skip (skip the batch, count it)."""
 
 
 @dataclass
@@ -130,6 +134,8 @@ class RunConfig:
     """Run directory name (default: a timestamp)."""
     output_dir: str = "outputs"
     """Runs land in output_dir/experiment/run_name/."""
+    resume: Any = None
+    """true: continue the newest unfinished run of this experiment from its checkpoints/last.ckpt; or a run directory."""
     export_submission: bool = False
     """recsys2025: also write submission/client_ids.npy + embeddings.npy (float16) for the relevant clients."""
     data: DataConfig = field(default_factory=DataConfig)

@@ -143,22 +143,30 @@ def evaluate(cfg: DictConfig, prepared, embeddings) -> dict[str, float]:
     return out
 
 
-def fit_and_embed(cfg: DictConfig, datamodule, module, loggers: list, run_dir: Path) -> tuple:
-    """Train with Lightning, then embed every user with the weights of the best val/loss epoch."""
+TRAINER_RUN_KEYS = ("early_stopping_patience", "checkpoint_every_n_steps", "on_nonfinite")  # ours, not Trainer arguments
+
+
+def fit_and_embed(cfg: DictConfig, datamodule, module, loggers: list, run_dir: Path, resume_from: Path | None = None) -> tuple:
+    """Train with Lightning (continuing from `resume_from`, a last.ckpt, if given), then embed every user with the weights of the best val/loss epoch."""
     import lightning.pytorch as L
     import torch
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
+    from callbacks.nonfinite import NonFiniteGuard
     from callbacks.probe import LinearProbe, embed_all
+    from callbacks.resume import ResumeState
 
-    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/loss", save_last=True)
-    callbacks = [checkpoint]
+    # best.ckpt only at validation ends (min val/loss); last.ckpt every N steps (or every epoch) for resume=true
+    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/loss")
+    last = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_top_k=0, save_last=True, every_n_train_steps=cfg.trainer.checkpoint_every_n_steps)
+    guard = NonFiniteGuard(cfg.trainer.on_nonfinite)
+    callbacks = [ResumeState(), guard, checkpoint, last]
     if cfg.trainer.early_stopping_patience is not None:
         callbacks.append(EarlyStopping(monitor="val/loss", patience=cfg.trainer.early_stopping_patience))
     if cfg.probe.every_n_epochs:  # probe curves during training; the final numbers come from evaluate()
         targets = [t for t in datamodule.data.targets if t.kind != "multilabel"]
         callbacks.append(LinearProbe(targets, datamodule.predict_dataloader, cfg.probe.every_n_epochs, cfg.probe.C, cfg.seed, cfg.probe.max_iter, at_fit_end=False))
-    settings = {k: v for k, v in OmegaConf.to_container(cfg.trainer).items() if k != "early_stopping_patience"}
+    settings = {k: v for k, v in OmegaConf.to_container(cfg.trainer).items() if k not in TRAINER_RUN_KEYS}
     trainer = L.Trainer(
         **settings,
         logger=loggers or False,
@@ -167,8 +175,9 @@ def fit_and_embed(cfg: DictConfig, datamodule, module, loggers: list, run_dir: P
         enable_model_summary=False,
     )
     started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
-    metrics = {"time/fit_seconds": time.perf_counter() - started, "epochs": trainer.current_epoch}
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")  # the state after fit, whatever N was
+    metrics = {"time/fit_seconds": time.perf_counter() - started, "epochs": trainer.current_epoch, "train/nonfinite_skipped": guard.skipped}
     if checkpoint.best_model_path:  # embed with the weights of the best val/loss epoch, as early stopping intends
         state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
@@ -186,8 +195,10 @@ def run(cfg: DictConfig, command: str | None = None) -> RunResult:
     from safetensors.torch import save_model
 
     from datamodules.datamodule import EventDataModule
+    from experiments.rundirs import resume_dir
     from lit_modules.registry import MODELS, build_datamodule, build_module
 
+    resumed = resume_dir(cfg)  # checked before any work: resume=true or a run directory
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = EventDataModule(to_dataclass(cfg.data, DataConfig), seed=cfg.seed)
     prepared = datamodule.data  # bad data fails here, before a run directory exists
@@ -205,14 +216,15 @@ def run(cfg: DictConfig, command: str | None = None) -> RunResult:
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err)) from None
 
-    run_dir = make_run_dir(cfg)
+    run_dir = resumed or make_run_dir(cfg)
     atomic_write(run_dir / "config.yaml", lambda p: OmegaConf.save(cfg, p, resolve=True))
-    if command:  # reports cite the exact command behind each row
+    if command and not resumed:  # reports cite the exact command behind each row
         atomic_write(run_dir / "command.txt", lambda p: p.write_text(command + "\n"))
     loggers = build_loggers(cfg, run_dir)
     metrics, step = {}, 0
     if module is not None and any(p.requires_grad for p in module.parameters()):
-        embeddings, metrics, step = fit_and_embed(cfg, datamodule, module, loggers, run_dir)
+        last = run_dir / "checkpoints" / "last.ckpt" if resumed else None
+        embeddings, metrics, step = fit_and_embed(cfg, datamodule, module, loggers, run_dir, resume_from=last)
     elif module is not None:  # a frozen feature extractor: nothing to fit
         from callbacks.probe import embed_all
 
@@ -290,6 +302,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        from callbacks.nonfinite import NonFiniteError
+
+        if not isinstance(err, NonFiniteError):
+            raise
+        print(f"training error: {err}", file=sys.stderr)
+        return 3
     except ValueError as err:
         from datamodules.sources.base import DataError
 

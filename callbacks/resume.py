@@ -1,0 +1,81 @@
+"""What a checkpoint needs beyond Lightning's own state for a resumed run to equal an uninterrupted one.
+
+Lightning restores weights, optimizer, schedulers, loop counters and callback states.
+Two things it does not: the position inside the epoch of our batch sampler (its epoch and
+how many batches of it were already trained on) and the random number generators
+(torch, numpy, python) that dropout and random slicing draw from. `ResumeState` saves
+both in the checkpoint and puts them back just before training continues. Everything
+is stored as plain lists and tensors, so the checkpoint loads with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import lightning.pytorch as L
+import numpy as np
+import torch
+
+
+def capture_rng() -> dict[str, Any]:
+    """torch (CPU and CUDA), numpy and python RNG states as weights_only-loadable values."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, state, gauss_next = random.getstate()
+    out = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": {"version": version, "state": list(state), "gauss_next": gauss_next},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class ResumeState(L.Callback):
+    """Saves the sampler position and the RNG states in every checkpoint; restores them when a fit resumes.
+
+    The position goes to the DataModule's `train_position` (EventDataModule hands it to the
+    batch sampler of the train loader it builds next, before any batch is drawn, worker
+    processes included); the RNG states are restored when training starts.
+    """
+
+    def __init__(self) -> None:
+        self.position = {"epoch": 0, "resume_at": 0}  # next batch to train: epoch and batches of it already done
+        self.pending_rng: dict[str, Any] | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        done = batch_idx + 1
+        if done >= trainer.num_training_batches:  # the epoch is complete (also when limit_train_batches cut it)
+            self.position = {"epoch": trainer.current_epoch + 1, "resume_at": 0}
+        else:
+            self.position = {"epoch": trainer.current_epoch, "resume_at": done}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": dict(self.position), "rng": capture_rng()}
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Runs while Lightning restores, before the train loader exists.
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if state is None:
+            return
+        self.position = dict(state["position"])
+        self.pending_rng = state["rng"]
+        if trainer.datamodule is not None and hasattr(trainer.datamodule, "train_position"):
+            trainer.datamodule.train_position = dict(self.position)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # After the sanity check, before the first training batch: nothing draws random numbers in between.
+        if self.pending_rng is not None:
+            restore_rng(self.pending_rng)
+            self.pending_rng = None
