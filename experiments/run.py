@@ -143,8 +143,11 @@ def evaluate(cfg: DictConfig, prepared, embeddings) -> dict[str, float]:
     return out
 
 
-def fit_and_embed(cfg: DictConfig, datamodule, module, loggers: list, run_dir: Path) -> tuple:
-    """Train with Lightning, then embed every user with the weights of the best val/loss epoch."""
+def fit_and_embed(cfg: DictConfig, datamodule, module, loggers: list, run_dir: Path, extra_callbacks: list | None = None) -> tuple:
+    """Train with Lightning, then embed every user with the weights of the best val/loss epoch.
+
+    extra_callbacks run after the built-in ones (a sweep's pruning callback reads the probe's results).
+    """
     import lightning.pytorch as L
     import torch
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
@@ -158,6 +161,7 @@ def fit_and_embed(cfg: DictConfig, datamodule, module, loggers: list, run_dir: P
     if cfg.probe.every_n_epochs:  # probe curves during training; the final numbers come from evaluate()
         targets = [t for t in datamodule.data.targets if t.kind != "multilabel"]
         callbacks.append(LinearProbe(targets, datamodule.predict_dataloader, cfg.probe.every_n_epochs, cfg.probe.C, cfg.seed, cfg.probe.max_iter, at_fit_end=False))
+    callbacks += extra_callbacks or []
     settings = {k: v for k, v in OmegaConf.to_container(cfg.trainer).items() if k != "early_stopping_patience"}
     trainer = L.Trainer(
         **settings,
@@ -180,7 +184,7 @@ def fit_and_embed(cfg: DictConfig, datamodule, module, loggers: list, run_dir: P
     return embeddings, metrics, trainer.global_step
 
 
-def run(cfg: DictConfig, command: str | None = None) -> RunResult:
+def run(cfg: DictConfig, command: str | None = None, extra_callbacks: list | None = None) -> RunResult:
     """Fit the configured method (or assemble an ensemble), embed every user, evaluate, write the run directory."""
     import lightning.pytorch as L
     from safetensors.torch import save_model
@@ -212,7 +216,7 @@ def run(cfg: DictConfig, command: str | None = None) -> RunResult:
     loggers = build_loggers(cfg, run_dir)
     metrics, step = {}, 0
     if module is not None and any(p.requires_grad for p in module.parameters()):
-        embeddings, metrics, step = fit_and_embed(cfg, datamodule, module, loggers, run_dir)
+        embeddings, metrics, step = fit_and_embed(cfg, datamodule, module, loggers, run_dir, extra_callbacks)
     elif module is not None:  # a frozen feature extractor: nothing to fit
         from callbacks.probe import embed_all
 
