@@ -146,8 +146,14 @@ def evaluate(cfg: DictConfig, prepared, embeddings) -> dict[str, float]:
 TRAINER_RUN_KEYS = ("early_stopping_patience", "checkpoint_every_n_steps", "on_nonfinite")  # ours, not Trainer arguments
 
 
-def fit_and_embed(cfg: DictConfig, datamodule, module, loggers: list, run_dir: Path, resume_from: Path | None = None) -> tuple:
-    """Train with Lightning (continuing from `resume_from`, a last.ckpt, if given), then embed every user with the weights of the best val/loss epoch."""
+def fit_and_embed(
+    cfg: DictConfig, datamodule, module, loggers: list, run_dir: Path,
+    resume_from: Path | None = None, extra_callbacks: list | None = None,
+) -> tuple:
+    """Train with Lightning (continuing from `resume_from`, a last.ckpt, if given), then embed every user with the weights of the best val/loss epoch.
+
+    extra_callbacks run after the built-in ones (a sweep's pruning callback reads the probe's results).
+    """
     import lightning.pytorch as L
     import torch
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
@@ -166,6 +172,7 @@ def fit_and_embed(cfg: DictConfig, datamodule, module, loggers: list, run_dir: P
     if cfg.probe.every_n_epochs:  # probe curves during training; the final numbers come from evaluate()
         targets = [t for t in datamodule.data.targets if t.kind != "multilabel"]
         callbacks.append(LinearProbe(targets, datamodule.predict_dataloader, cfg.probe.every_n_epochs, cfg.probe.C, cfg.seed, cfg.probe.max_iter, at_fit_end=False))
+    callbacks += extra_callbacks or []
     settings = {k: v for k, v in OmegaConf.to_container(cfg.trainer).items() if k not in TRAINER_RUN_KEYS}
     trainer = L.Trainer(
         **settings,
@@ -189,7 +196,7 @@ def fit_and_embed(cfg: DictConfig, datamodule, module, loggers: list, run_dir: P
     return embeddings, metrics, trainer.global_step
 
 
-def run(cfg: DictConfig, command: str | None = None) -> RunResult:
+def run(cfg: DictConfig, command: str | None = None, extra_callbacks: list | None = None) -> RunResult:
     """Fit the configured method (or assemble an ensemble), embed every user, evaluate, write the run directory."""
     import lightning.pytorch as L
     from safetensors.torch import save_model
@@ -224,7 +231,7 @@ def run(cfg: DictConfig, command: str | None = None) -> RunResult:
     metrics, step = {}, 0
     if module is not None and any(p.requires_grad for p in module.parameters()):
         last = run_dir / "checkpoints" / "last.ckpt" if resumed else None
-        embeddings, metrics, step = fit_and_embed(cfg, datamodule, module, loggers, run_dir, resume_from=last)
+        embeddings, metrics, step = fit_and_embed(cfg, datamodule, module, loggers, run_dir, resume_from=last, extra_callbacks=extra_callbacks)
     elif module is not None:  # a frozen feature extractor: nothing to fit
         from callbacks.probe import embed_all
 
