@@ -11,6 +11,15 @@ from datamodules.preprocess import Prepared, prepare
 from datamodules.sequences import Collator, LengthBucketBatchSampler, UserIndexDataset
 
 
+def shard_of(trainer: L.Trainer | None) -> tuple[int, int]:
+    """(rank, number of ranks) whose share of the batches this process loads; (0, 1) outside a distributed fit.
+
+    The datamodules shard their own batches (the Trainer runs with use_distributed_sampler=False):
+    Lightning cannot put its DistributedSampler inside LengthBucketBatchSampler.
+    """
+    return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+
 class EventDataModule(L.LightningDataModule):
     """Train on non-val users, validate on val users, embed (predict) every user."""
 
@@ -39,11 +48,17 @@ class EventDataModule(L.LightningDataModule):
 
     def loader(self, rows: np.ndarray, shuffle: bool) -> torch.utils.data.DataLoader:
         store = self.data.store
+        rank, world = shard_of(self.trainer)
         if self.cfg.bucket_by_length:
             lengths = store.lengths[rows]
-            sampler = LengthBucketBatchSampler(lengths, self.cfg.batch_size, shuffle=shuffle, seed=self.seed)
+            sampler = LengthBucketBatchSampler(lengths, self.cfg.batch_size, shuffle=shuffle, seed=self.seed, num_replicas=world, rank=rank)
         else:
-            base = torch.utils.data.RandomSampler(rows, generator=torch.Generator().manual_seed(self.seed)) if shuffle else range(len(rows))
+            if world > 1:
+                base = torch.utils.data.DistributedSampler(rows, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed)
+            elif shuffle:
+                base = torch.utils.data.RandomSampler(rows, generator=torch.Generator().manual_seed(self.seed))
+            else:
+                base = range(len(rows))
             sampler = torch.utils.data.BatchSampler(base, self.cfg.batch_size, drop_last=False)
         return torch.utils.data.DataLoader(
             UserIndexDataset(rows),
@@ -103,12 +118,17 @@ class TextDataModule(L.LightningDataModule):
         dataset = UserTextDataset(self.data, rows, self.tokenizer, formats=formats, **self.settings)
         pack = self.pack_length if train else None
         collate = TextBatchBuilder(self.tokenizer.pad_token_id, self.padding_side, pack, self.block_mask and pack is not None)
-        generator = torch.Generator().manual_seed(self.events.seed)
+        rank, world = shard_of(self.trainer)
+        if world > 1:
+            sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=train, seed=self.events.seed)
+        elif train:
+            sampler = torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(self.events.seed))
+        else:
+            sampler = None
         return torch.utils.data.DataLoader(
             dataset,
             batch_size=self.events.cfg.batch_size,
-            shuffle=train,
-            generator=generator if train else None,
+            sampler=sampler,
             collate_fn=collate,
             num_workers=self.events.cfg.num_workers,
         )
