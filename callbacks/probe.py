@@ -12,6 +12,7 @@ import lightning.pytorch as L
 import numpy as np
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.strategies import Strategy
 
 from callbacks.metrics import ks_statistic, macro_ovr, roc_auc
 from datamodules.targets import EVAL, FIT, Target
@@ -27,11 +28,13 @@ def _module_device(module: torch.nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
-def embed_all(module: torch.nn.Module, dataloader: Iterable[dict]) -> np.ndarray:
+def embed_all(module: torch.nn.Module, dataloader: Iterable[dict], strategy: Strategy | None = None) -> np.ndarray:
     """float32 [U, D] with row u = embedding of store row u, whatever order the batches come in.
 
     The dataloader must cover every row 0..U-1 exactly once; anything else would silently
-    misalign embeddings and labels, so it raises.
+    misalign embeddings and labels, so it raises. Under a distributed strategy each rank
+    embeds its own shard; the shards are gathered so every rank returns all U rows, and a
+    row seen twice (the padding that gives every rank the same number of batches) is kept once.
     """
     device = _module_device(module)
     was_training = module.training
@@ -52,11 +55,26 @@ def embed_all(module: torch.nn.Module, dataloader: Iterable[dict]) -> np.ndarray
     rows = np.concatenate(chunks)
     if rows.ndim != 2 or len(rows) != len(index):
         raise ValueError(f"embed_all: embed() must return [B, D] per batch; got {rows.shape} for {len(index)} rows")
+    if strategy is not None and strategy.world_size > 1:
+        index, rows = gather_rows(strategy, index, rows)
+        index, first = np.unique(index, return_index=True)
+        rows = rows[first]
     if not np.array_equal(np.sort(index), np.arange(len(index))):
         raise ValueError(f"embed_all: batch indices must cover rows 0..{len(index) - 1} exactly once")
     out = np.empty_like(rows)
     out[index] = rows
     return out
+
+
+def gather_rows(strategy: Strategy, index: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every rank's (index, rows) concatenated in rank order, on every rank; ranks may hold different counts."""
+    from lightning.fabric.utilities.distributed import _gather_all_tensors
+
+    device = strategy.root_device
+    # _gather_all_tensors pads tensors of different lengths to the longest, gathers and trims them again
+    idx = _gather_all_tensors(torch.from_numpy(index.astype(np.int64)).to(device))
+    emb = _gather_all_tensors(torch.from_numpy(rows.astype(np.float32)).to(device))
+    return torch.cat(idx).cpu().numpy(), torch.cat(emb).cpu().numpy()
 
 
 def probe_embeddings(
@@ -65,12 +83,15 @@ def probe_embeddings(
     C: float | None = None,
     seed: int = 0,
     max_iter: int = 1000,
+    scores: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> dict[str, float]:
     """Fit StandardScaler + LogisticRegression on each target's FIT rows; AUC and KS on its EVAL rows.
 
     C=None picks the L2 strength per target by stratified 5-fold cross-validation on the FIT
     rows alone (ROC-AUC over CV_GRID), so EVAL users never influence the probe.
     Returns {"probe/<target>/auc", "probe/<target>/ks"} per target (multiclass: macro one-vs-rest).
+    `scores`, if given, receives each binary target's EVAL (is positive, positive-class
+    probability) pair, the input of a ROC curve.
     """
     from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
     from sklearn.model_selection import StratifiedKFold
@@ -115,6 +136,8 @@ def probe_embeddings(
         try:
             if t.kind == "binary":
                 auc, ks = roc_auc(y_eval == 1, probs[:, 1]), ks_statistic(y_eval == 1, probs[:, 1])
+                if scores is not None:
+                    scores[t.name] = (y_eval == 1, probs[:, 1])
             else:
                 auc, ks = macro_ovr(y_eval, probs, roc_auc), macro_ovr(y_eval, probs, ks_statistic)
         except ValueError as e:
@@ -166,15 +189,17 @@ class LinearProbe(L.Callback):
             self.probe(trainer, pl_module)
 
     def probe(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
+        """Every rank embeds its shard (a collective step: all ranks call this); rank 0 alone fits and logs."""
         # The strategy has already moved the model to CPU by on_fit_end; embed on the training device.
         device = pl_module.device
         pl_module.to(trainer.strategy.root_device)
         try:
-            self.embeddings = embed_all(pl_module, self.dataloader_fn())
+            embeddings = embed_all(pl_module, self.dataloader_fn(), trainer.strategy)
         finally:
             pl_module.to(device)
+        if not trainer.is_global_zero:
+            return
+        self.embeddings = embeddings
         self.results = probe_embeddings(self.embeddings, self.targets, C=self.C, seed=self.seed, max_iter=self.max_iter)
         for logger in trainer.loggers:
             logger.log_metrics(self.results, step=trainer.global_step)

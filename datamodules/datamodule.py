@@ -11,6 +11,15 @@ from datamodules.preprocess import Prepared, prepare
 from datamodules.sequences import Collator, LengthBucketBatchSampler, UserIndexDataset
 
 
+def shard_of(trainer: L.Trainer | None) -> tuple[int, int]:
+    """(rank, number of ranks) whose share of the batches this process loads; (0, 1) outside a distributed fit.
+
+    The datamodules shard their own batches (the Trainer runs with use_distributed_sampler=False):
+    Lightning cannot put its DistributedSampler inside LengthBucketBatchSampler.
+    """
+    return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+
 class EventDataModule(L.LightningDataModule):
     """Train on non-val users, validate on val users, embed (predict) every user."""
 
@@ -45,8 +54,10 @@ class EventDataModule(L.LightningDataModule):
         draws from the global torch RNG (a resumed run would otherwise draw differently).
         """
         store = self.data.store
+        rank, world = shard_of(self.trainer)
         sampler = LengthBucketBatchSampler(
-            store.lengths[rows], self.cfg.batch_size, shuffle=shuffle, seed=self.seed, by_length=self.cfg.bucket_by_length
+            store.lengths[rows], self.cfg.batch_size, shuffle=shuffle, seed=self.seed, by_length=self.cfg.bucket_by_length,
+            num_replicas=world, rank=rank,
         )
         return torch.utils.data.DataLoader(
             UserIndexDataset(rows),
@@ -111,11 +122,16 @@ class TextDataModule(L.LightningDataModule):
         dataset = UserTextDataset(self.data, rows, self.tokenizer, formats=formats, **self.settings)
         pack = self.pack_length if train else None
         collate = TextBatchBuilder(self.tokenizer.pad_token_id, self.padding_side, pack, self.block_mask and pack is not None)
+        rank, world = shard_of(self.trainer)
+        sampler = None
+        if world > 1:
+            sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=train, seed=self.events.seed)
         generator = torch.Generator().manual_seed(self.events.seed)  # never the global RNG, even for val/predict
         return torch.utils.data.DataLoader(
             dataset,
             batch_size=self.events.cfg.batch_size,
-            shuffle=train,
+            shuffle=train and sampler is None,
+            sampler=sampler,
             generator=generator,
             collate_fn=collate,
             num_workers=self.events.cfg.num_workers,

@@ -119,6 +119,11 @@ class LengthBucketBatchSampler(torch.utils.data.Sampler[list[int]]):
     again. Less padding per batch, still a different mix every epoch. Yields positions into
     `lengths`. The order of epoch e depends only on (seed, e), so a run resumed mid-epoch
     replays the same epoch and skips the batches it already trained on (`load_state_dict`).
+
+    With num_replicas > 1 (DDP) every rank computes the same batch list and takes every
+    num_replicas-th batch from position `rank`; the list is first padded by repeating its
+    first batches so every rank gets the same number (a rank short of a batch would hang
+    the gradient all-reduce). A repeated batch is seen twice in that epoch.
     """
 
     def __init__(
@@ -130,9 +135,13 @@ class LengthBucketBatchSampler(torch.utils.data.Sampler[list[int]]):
         pool_batches: int = 50,
         drop_last: bool = False,
         by_length: bool = True,
+        num_replicas: int = 1,
+        rank: int = 0,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, num_replicas={num_replicas}), got {rank}")
         self.lengths = np.asarray(lengths)
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -140,6 +149,8 @@ class LengthBucketBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.pool = max(1, pool_batches) * batch_size
         self.drop_last = drop_last
         self.by_length = by_length
+        self.num_replicas = num_replicas
+        self.rank = rank
         self.epoch = 0
         self.resume_at = 0  # batches of the next epoch to skip (already trained before a crash)
 
@@ -170,6 +181,9 @@ class LengthBucketBatchSampler(torch.utils.data.Sampler[list[int]]):
             out = [b for b in out if len(b) == self.batch_size]
         if self.shuffle and self.by_length:
             out = [out[i] for i in rng.permutation(len(out))]
+        if self.num_replicas > 1 and out:
+            out += [out[i % len(out)] for i in range(-len(out) % self.num_replicas)]
+            out = out[self.rank :: self.num_replicas]
         return out
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -183,4 +197,5 @@ class LengthBucketBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def __len__(self) -> int:
         n = len(self.lengths)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        total = n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return -(-total // self.num_replicas)

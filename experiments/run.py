@@ -19,6 +19,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.config import ConfigError, DataConfig, compose, help_text, to_dataclass
+from experiments.rundirs import launched_as_rank_zero
 
 log = logging.getLogger("experiments.run")
 EVAL_GROUPS = ("probe", "downstream", "baseline")
@@ -54,24 +55,26 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
 
     loggers = []
     if cfg.logger.wandb:
+        from callbacks.wandb_report import start_run
+
         os.environ.setdefault("WANDB_MODE", "offline")
-        loggers.append(
-            WandbLogger(
-                project=cfg.logger.project,
-                entity=cfg.logger.entity,
-                group=cfg.logger.group,
-                tags=list(cfg.logger.tags) or None,
-                name=run_dir.name,
-                save_dir=str(run_dir),
-                offline=os.environ["WANDB_MODE"] == "offline",
-                config={
-                    "method": cfg.model.name,
-                    "dataset": cfg.data.source,
-                    "experiment": cfg.experiment,
-                    **OmegaConf.to_container(cfg),
-                },
-            )
+        offline = os.environ["WANDB_MODE"] == "offline"
+        experiment = start_run(
+            project=cfg.logger.project,
+            entity=cfg.logger.entity,
+            group=cfg.logger.group,
+            tags=list(cfg.logger.tags) or None,
+            name=run_dir.name,
+            dir=str(run_dir),
+            mode="offline" if offline else None,
+            config={
+                "method": cfg.model.name,
+                "dataset": cfg.data.source,
+                "experiment": cfg.experiment,
+                **OmegaConf.to_container(cfg),
+            },
         )
+        loggers.append(WandbLogger(experiment=experiment, project=cfg.logger.project, name=run_dir.name, save_dir=str(run_dir), offline=offline))
     if cfg.logger.csv:
         loggers.append(CSVLogger(save_dir=str(run_dir), name="", version="csv"))
     return loggers
@@ -123,12 +126,15 @@ def cutoff_epoch(prepared) -> int | None:
     return int(dt.datetime.fromisoformat(cutoff).replace(tzinfo=dt.timezone.utc).timestamp()) if cutoff else None
 
 
-def evaluate(cfg: DictConfig, prepared, embeddings) -> dict[str, float]:
-    """One evaluation for every row: linear probe on binary/multiclass targets, the fixed downstream MLP on multi-label ones."""
+def evaluate(cfg: DictConfig, prepared, embeddings, scores: dict | None = None) -> dict[str, float]:
+    """One evaluation for every row: linear probe on binary/multiclass targets, the fixed downstream MLP on multi-label ones.
+
+    `scores`, if given, receives each binary target's EVAL labels and probabilities (ROC curves).
+    """
     from callbacks.probe import probe_embeddings
 
     targets = [t for t in prepared.targets if t.kind != "multilabel"]
-    out = probe_embeddings(embeddings, targets, C=cfg.probe.C, seed=cfg.seed, max_iter=cfg.probe.max_iter) if targets else {}
+    out = probe_embeddings(embeddings, targets, C=cfg.probe.C, seed=cfg.seed, max_iter=cfg.probe.max_iter, scores=scores) if targets else {}
     for t in prepared.targets:
         if t.kind == "multilabel":
             from callbacks.downstream import popularity_of, train_downstream
@@ -147,12 +153,14 @@ TRAINER_RUN_KEYS = ("early_stopping_patience", "checkpoint_every_n_steps", "on_n
 
 
 def fit_and_embed(
-    cfg: DictConfig, datamodule, module, loggers: list, run_dir: Path,
+    cfg: DictConfig, datamodule, module, loggers: list, run_dir: Path | None,
     resume_from: Path | None = None, extra_callbacks: list | None = None,
 ) -> tuple:
     """Train with Lightning (continuing from `resume_from`, a last.ckpt, if given), then embed every user with the weights of the best val/loss epoch.
 
     extra_callbacks run after the built-in ones (a sweep's pruning callback reads the probe's results).
+    Under DDP every rank runs this (run_dir is None on all but rank 0, which writes everything)
+    and every rank returns all users' embeddings, gathered from the ranks' shards.
     """
     import lightning.pytorch as L
     import torch
@@ -162,9 +170,11 @@ def fit_and_embed(
     from callbacks.probe import LinearProbe, embed_all
     from callbacks.resume import ResumeState
 
-    # best.ckpt only at validation ends (min val/loss); last.ckpt every N steps (or every epoch) for resume=true
-    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/loss")
-    last = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_top_k=0, save_last=True, every_n_train_steps=cfg.trainer.checkpoint_every_n_steps)
+    # best.ckpt only at validation ends (min val/loss); last.ckpt every N steps (or every epoch) for resume=true.
+    # Other ranks take rank 0's checkpoint folder (Lightning broadcasts it) and never write to it.
+    checkpoint_dir = run_dir and run_dir / "checkpoints"
+    checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor="val/loss")
+    last = ModelCheckpoint(dirpath=checkpoint_dir, save_top_k=0, save_last=True, every_n_train_steps=cfg.trainer.checkpoint_every_n_steps)
     guard = NonFiniteGuard(cfg.trainer.on_nonfinite)
     callbacks = [ResumeState(), guard, checkpoint, last]
     if cfg.trainer.early_stopping_patience is not None:
@@ -178,26 +188,32 @@ def fit_and_embed(
         **settings,
         logger=loggers or False,
         callbacks=callbacks,
-        default_root_dir=str(run_dir),
+        default_root_dir=run_dir and str(run_dir),
         enable_model_summary=False,
+        use_distributed_sampler=False,  # the datamodules shard their batches per rank themselves
     )
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
-    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")  # the state after fit, whatever N was
+    trainer.save_checkpoint(Path(last.dirpath) / "last.ckpt")  # the state after fit, whatever N was (rank 0 writes)
     metrics = {"time/fit_seconds": time.perf_counter() - started, "epochs": trainer.current_epoch, "train/nonfinite_skipped": guard.skipped}
     if checkpoint.best_model_path:  # embed with the weights of the best val/loss epoch, as early stopping intends
-        state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
-        module.load_state_dict(state)
+        # rank 0 wrote the file (other ranks may be on other machines) and broadcasts its weights
+        state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)["state_dict"] if trainer.is_global_zero else None
+        module.load_state_dict(trainer.strategy.broadcast(state))
         metrics["val/loss_best"] = float(checkpoint.best_model_score)
     for key in ("train/loss_epoch", "val/loss"):
         if key in trainer.callback_metrics:
             metrics[key] = float(trainer.callback_metrics[key])
-    embeddings = embed_all(module, datamodule.predict_dataloader())
+    embeddings = embed_all(module, datamodule.predict_dataloader(), trainer.strategy)
     return embeddings, metrics, trainer.global_step
 
 
-def run(cfg: DictConfig, command: str | None = None, extra_callbacks: list | None = None) -> RunResult:
-    """Fit the configured method (or assemble an ensemble), embed every user, evaluate, write the run directory."""
+def run(cfg: DictConfig, command: str | None = None, extra_callbacks: list | None = None) -> RunResult | None:
+    """Fit the configured method (or assemble an ensemble), embed every user, evaluate, write the run directory.
+
+    With trainer.strategy=ddp Lightning starts this command again for every other rank; those
+    ranks train and embed their shards, write nothing and return None.
+    """
     import lightning.pytorch as L
     from safetensors.torch import save_model
 
@@ -223,23 +239,28 @@ def run(cfg: DictConfig, command: str | None = None, extra_callbacks: list | Non
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err)) from None
 
-    run_dir = resumed or make_run_dir(cfg)
-    atomic_write(run_dir / "config.yaml", lambda p: OmegaConf.save(cfg, p, resolve=True))
-    if command and not resumed:  # reports cite the exact command behind each row
-        atomic_write(run_dir / "command.txt", lambda p: p.write_text(command + "\n"))
-    loggers = build_loggers(cfg, run_dir)
+    run_dir, loggers = None, []
+    if launched_as_rank_zero():  # the only process that writes: run directory, loggers, files
+        run_dir = resumed or make_run_dir(cfg)
+        atomic_write(run_dir / "config.yaml", lambda p: OmegaConf.save(cfg, p, resolve=True))
+        if command and not resumed:  # reports cite the exact command behind each row
+            atomic_write(run_dir / "command.txt", lambda p: p.write_text(command + "\n"))
+        loggers = build_loggers(cfg, run_dir)
     metrics, step = {}, 0
     if module is not None and any(p.requires_grad for p in module.parameters()):
-        last = run_dir / "checkpoints" / "last.ckpt" if resumed else None
+        last = resumed / "checkpoints" / "last.ckpt" if resumed else None
         embeddings, metrics, step = fit_and_embed(cfg, datamodule, module, loggers, run_dir, resume_from=last, extra_callbacks=extra_callbacks)
     elif module is not None:  # a frozen feature extractor: nothing to fit
         from callbacks.probe import embed_all
 
         embeddings = embed_all(module, datamodule.predict_dataloader())
+    if run_dir is None:  # another rank of a distributed run: rank 0 evaluates once and writes
+        return None
 
-    rows = {cfg.model.name: evaluate(cfg, prepared, embeddings)}
+    scores: dict[str, dict] = {}  # row -> binary target -> EVAL labels and probabilities (ROC curves)
+    rows = {cfg.model.name: evaluate(cfg, prepared, embeddings, scores.setdefault(cfg.model.name, {}))}
     for name, features in baseline_embeddings(cfg, prepared, embeddings.shape[1]).items():
-        rows[f"baseline/{name}"] = evaluate(cfg, prepared, features)
+        rows[f"baseline/{name}"] = evaluate(cfg, prepared, features, scores.setdefault(f"baseline/{name}", {}))
     metrics.update(rows[cfg.model.name])
     for name, row in rows.items():
         if name.startswith("baseline/"):
@@ -251,17 +272,19 @@ def run(cfg: DictConfig, command: str | None = None, extra_callbacks: list | Non
         lg.log_metrics({k: v for k, v in metrics.items() if k.split("/")[0] in EVAL_GROUPS}, step=step)
         lg.save()
         if type(lg).__name__ == "WandbLogger":
-            summary = dict(lg.experiment.summary)
+            from callbacks.wandb_report import log_report, summary_dict
+
+            log_report(lg.experiment, rows, scores, embeddings, prepared.targets, cfg.model.name, run_dir / "plots", step)
+            summary = summary_dict(lg.experiment)
             lg.experiment.finish()
-    if int(os.environ.get("RANK", "0")) == 0:
-        # metrics.json last: its presence marks a finished run (experiments.rundirs)
-        write_embeddings(run_dir / "embeddings.parquet", prepared.store.user_ids, embeddings)
-        if cfg.export_submission:
-            metrics["data/relevant_clients_without_history"] = export_submission(cfg.data, prepared, embeddings, run_dir / "submission")
-        if module is not None:
-            # save_model drops the duplicates of tied weights (e.g. an LM head tied to its embeddings)
-            atomic_write(run_dir / "model.safetensors", lambda p: save_model(module, str(p)))
-        atomic_write(run_dir / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=1, sort_keys=True)))
+    # metrics.json last: its presence marks a finished run (experiments.rundirs)
+    write_embeddings(run_dir / "embeddings.parquet", prepared.store.user_ids, embeddings)
+    if cfg.export_submission:
+        metrics["data/relevant_clients_without_history"] = export_submission(cfg.data, prepared, embeddings, run_dir / "submission")
+    if module is not None:
+        # save_model drops the duplicates of tied weights (e.g. an LM head tied to its embeddings)
+        atomic_write(run_dir / "model.safetensors", lambda p: save_model(module, str(p)))
+    atomic_write(run_dir / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=1, sort_keys=True)))
     return RunResult(run_dir, metrics, rows, summary)
 
 
@@ -306,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = compose(args)
         result = run(cfg, command=shlex.join(["python", "-m", "experiments.run", *args]))
+        if result is None:  # a non-zero rank of a distributed run: rank 0 prints
+            return 0
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

@@ -1,9 +1,24 @@
-"""Finding runs: finished ones (embeddings.parquet and metrics.json exist) and unfinished ones to resume."""
+"""Run directories: who writes one, finding finished runs (embeddings.parquet and metrics.json exist) and unfinished ones to resume."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
+
+
+def launched_as_rank_zero() -> bool:
+    """Whether this process is global rank 0, known before any process group exists.
+
+    Only rank 0 makes the run directory, the loggers and the files. torchrun sets RANK;
+    Lightning's own DDP launcher leaves the process it was started from without LOCAL_RANK
+    and starts the other ranks of a node with LOCAL_RANK=1..N-1, and each node of a
+    multi-node run is started with NODE_RANK (or GROUP_RANK).
+    """
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"]) == 0
+    node = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "0")))
+    return node == 0 and int(os.environ.get("LOCAL_RANK", "0")) == 0
 
 
 def finished_runs(output_dir: str | Path, experiment: str) -> list[Path]:

@@ -175,12 +175,12 @@ class LLM4ESFinetune(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["input_ids"]))
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["input_ids"]), sync_dist=True)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
-        self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(batch["input_ids"]))
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(batch["input_ids"]), sync_dist=True)
         return loss
 
     def predict_step(self, batch: dict, batch_idx: int = 0, dataloader_idx: int = 0) -> torch.Tensor:

@@ -1,0 +1,145 @@
+"""What every run puts on the W&B dashboard, so one workspace compares methods and datasets.
+
+Every run logs the same structure: config keys `method`, `dataset`, `experiment`; `probe/*`
+metrics whose summary is their maximum; a table of the final evaluation (the method and the
+baselines); a ROC curve per binary target; a 2-D PCA projection of the embeddings. The images
+are also written to `<run>/plots/`. docs/wandb.md says which panels to build from them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from datamodules.targets import Target
+
+STEP = "trainer/global_step"  # the x axis Lightning's WandbLogger logs with every metric
+PROBE_GLOB = "probe/*"
+MAX_POINTS = 5000  # users drawn in the projection; more only blurs the picture
+
+
+def start_run(**init: Any) -> Any:
+    """wandb.init(**init), then the metric definitions, in the order wandb-core needs.
+
+    wandb-core applies the first defined glob that matches a key. Lightning's WandbLogger
+    defines "*" (its step axis) as soon as it creates a run, which would shadow a later
+    "probe/*" and leave probe summaries at their last value. So the run is made here with
+    "probe/*" (summary max) first, and handed to WandbLogger(experiment=run).
+    """
+    import wandb
+
+    run = wandb.init(**init)
+    run.define_metric(STEP)
+    run.define_metric(PROBE_GLOB, step_metric=STEP, step_sync=True, summary="max")
+    run.define_metric("*", step_metric=STEP, step_sync=True)
+    return run
+
+
+def summary_dict(run: Any) -> dict[str, Any]:
+    """The run's summary as plain values (a `summary="max"` metric reads {"max": value})."""
+    summary = run.summary
+    return {k: dict(summary[k]) if hasattr(summary[k], "keys") else summary[k] for k in summary.keys()}
+
+
+def evaluation_rows(rows: dict[str, dict[str, float]]) -> list[list]:
+    """Table rows [row, evaluation, target, metric, value] from {row name: {"probe/<t>/<m>": value}}."""
+    out = []
+    for name, metrics in rows.items():
+        for key, value in metrics.items():
+            evaluation, target, metric = key.split("/")
+            out.append([name.removeprefix("baseline/"), evaluation, target, metric, float(value)])
+    return out
+
+
+def _save(fig: Any, path: Path) -> Path:
+    """Write a figure under a temporary name and rename it: no half-written PNG is ever left."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def plot_roc(target: str, curves: dict[str, tuple[np.ndarray, np.ndarray]], aucs: dict[str, float], path: Path) -> Path:
+    """One ROC curve per row (method and baselines) on one target's EVAL users."""
+    from matplotlib.figure import Figure
+    from sklearn.metrics import roc_curve
+
+    fig = Figure(figsize=(4.5, 4.5))
+    ax = fig.subplots()
+    for name, (positive, prob) in curves.items():
+        fpr, tpr, _ = roc_curve(positive, prob)
+        ax.plot(fpr, tpr, label=f"{name.removeprefix('baseline/')} (AUC {aucs[name]:.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC: {target} (EVAL users)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def pca_2d(embeddings: np.ndarray) -> np.ndarray:
+    """[U, 2]: the embeddings' first two principal components (a zero column if D == 1)."""
+    x = np.asarray(embeddings, dtype=np.float64)
+    x = x - x.mean(axis=0)
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    out = x @ vt[:2].T
+    return np.pad(out, ((0, 0), (0, 2 - out.shape[1])))
+
+
+def plot_projection(embeddings: np.ndarray, targets: Sequence[Target], title: str, path: Path, seed: int = 0) -> Path:
+    """PCA 2-D scatter of the embeddings, one panel per binary/multiclass target, points coloured by class."""
+    from matplotlib.figure import Figure
+
+    shown = [t for t in targets if t.kind in ("binary", "multiclass")] or [None]
+    rng = np.random.default_rng(seed)
+    keep = np.sort(rng.permutation(len(embeddings))[:MAX_POINTS])
+    xy = pca_2d(embeddings[keep])
+    fig = Figure(figsize=(4 * len(shown), 4))
+    for ax, t in zip(np.atleast_1d(fig.subplots(1, len(shown))), shown):
+        if t is None:
+            ax.scatter(xy[:, 0], xy[:, 1], s=4, alpha=0.6)
+        else:
+            labels = t.labels[keep]
+            for k, cls in enumerate(t.classes):
+                mask = labels == k
+                ax.scatter(xy[mask, 0], xy[mask, 1], s=4, alpha=0.6, label=str(cls))
+            ax.legend(fontsize=7, markerscale=2, title=t.name, title_fontsize=8)
+        ax.set(xlabel="PC 1", ylabel="PC 2")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def log_report(
+    run: Any,
+    rows: dict[str, dict[str, float]],
+    scores: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]],
+    embeddings: np.ndarray,
+    targets: Sequence[Target],
+    method: str,
+    out_dir: Path,
+    step: int,
+) -> dict[str, Path]:
+    """Log the evaluation table, the ROC curves and the projection to `run`; return the PNGs written under out_dir.
+
+    rows: {row name: evaluate() output}; scores: {row name: {binary target: (is positive, probability)}}.
+    """
+    import wandb
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pngs = {}
+    for t in targets:
+        curves = {name: per_row[t.name] for name, per_row in scores.items() if t.name in per_row}
+        if curves:
+            aucs = {name: rows[name][f"probe/{t.name}/auc"] for name in curves}
+            pngs[f"eval/roc/{t.name}"] = plot_roc(t.name, curves, aucs, out_dir / f"roc_{t.name}.png")
+    pngs["eval/embedding_pca"] = plot_projection(embeddings, targets, f"{method}: PCA of the embeddings", out_dir / "embedding_pca.png")
+    table = wandb.Table(columns=["row", "evaluation", "target", "metric", "value"], data=evaluation_rows(rows))
+    run.log({"eval/table": table, **{k: wandb.Image(str(p)) for k, p in pngs.items()}, STEP: step})
+    return pngs
