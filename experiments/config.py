@@ -30,6 +30,7 @@ from lit_modules.registry import MODELS
 CONFIG_DIR = Path(__file__).parent / "configs"
 GROUPS = ("data", "model", "trainer")
 DEFAULT_EXPERIMENT = "gru_ae_ml100k"
+NONFINITE_MODES = ("error", "skip")  # callbacks.nonfinite.MODES, without importing torch here
 
 
 class ConfigError(ValueError):
@@ -267,6 +268,8 @@ def compose(args: list[str]) -> DictConfig:
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
         raise ConfigError((f"{key}: " if key else "") + str(err).splitlines()[0]) from None
+    if cfg.trainer.on_nonfinite not in NONFINITE_MODES:
+        raise ConfigError(f"trainer.on_nonfinite: {cfg.trainer.on_nonfinite!r}; choose from {NONFINITE_MODES}")
     OmegaConf.set_readonly(cfg, True)
     return cfg
 

@@ -23,16 +23,21 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_args(out: Path, cache: Path) -> list[str]:
-    """GRU-AE on ml100k, small enough for seconds per epoch; last.ckpt every 5 steps (about 43 steps per epoch)."""
+    """GRU-AE on ml100k, small enough for seconds per epoch; last.ckpt every 5 steps (about 43 steps per epoch).
+
+    Two layers with dropout between them, so training draws from the torch RNG and a resume
+    that did not restore it would diverge.
+    """
     return [
-        "experiment=gru_ae_ml100k", f"output_dir={out}", f"data.cache_dir={cache}", "data.batch_size=16", "model.hidden=16",
-        "model.emb_dim=8", "trainer.max_epochs=2", "trainer.early_stopping_patience=null", "trainer.checkpoint_every_n_steps=5",
-        "logger.wandb=false", "probe.baselines=[]", "seed=3",
+        "experiment=gru_ae_ml100k", f"output_dir={out}", f"data.cache_dir={cache}", "data.batch_size=16", "data.max_len=32", "model.hidden=16",
+        "model.emb_dim=8", "model.layers=2", "model.dropout=0.3", "trainer.max_epochs=2", "trainer.early_stopping_patience=null",
+        "trainer.checkpoint_every_n_steps=5", "logger.wandb=false", "probe.baselines=[]", "probe.C=1.0", "seed=3",
     ]  # fmt: skip
 
 
 def launch(args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONHASHSEED": "0"}
+    # one thread: the same float order in all three runs, and no OpenMP spinning on a shared 2-core machine
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "experiments.run", *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
