@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +63,7 @@ def open_storage(info: StorageInfo, max_retries: int):
         Path(info.url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     engine = {"connect_args": {"timeout": 60}} if info.kind == "sqlite" else {"pool_pre_ping": True}
     try:
+        warnings.filterwarnings("ignore", message=".*(heartbeat|RetryHeartbeat).*")  # optuna: experimental
         return RDBStorage(
             info.url,
             engine_kwargs=engine,
@@ -124,7 +126,9 @@ def recover_interrupted(study, info: StorageInfo, max_retries: int) -> list[int]
             study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
             if study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
                 failed.append(t.number)
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retries)
+    with warnings.catch_warnings():  # optuna marks the callback experimental
+        warnings.simplefilter("ignore")
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retries)
     trials = study.get_trials(deepcopy=False)
     done = retried_numbers(trials)
     for t in trials:

@@ -61,7 +61,7 @@ def postgres_url():
 
 
 def test_two_workers_share_a_postgresql_study(postgres_url, tmp_path, ml100k_cache):
-    sweep = tiny_sweep(tmp_path, n_trials=4)
+    sweep = tiny_sweep(tmp_path, n_trials=2)
     out = tmp_path / "sweeps"
     cmd = [sys.executable, "-m", "sweeps.run", f"sweep={sweep}", "study=pg", f"storage={postgres_url}", f"sweeps_dir={out}",
            f"data.cache_dir={ml100k_cache}", "logger.wandb=false", "--workers", "2"]
@@ -72,7 +72,7 @@ def test_two_workers_share_a_postgresql_study(postgres_url, tmp_path, ml100k_cac
     State = optuna.trial.TrialState
     trials = study.get_trials()
     finished = [t for t in trials if t.state in (State.COMPLETE, State.PRUNED)]
-    assert 4 <= len(finished) <= 5, [(t.number, t.state) for t in trials]  # two workers may both start the last one
+    assert 2 <= len(finished) <= 3, [(t.number, t.state) for t in trials]  # two workers may both start the last one
     assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2  # both workers ran trials on the one storage
     assert all(t.state != State.RUNNING for t in trials)
     assert (out / "pg" / "trials.csv").read_text().count("\n") == len(trials) + 1

@@ -225,3 +225,39 @@ def test_killed_sweep_resumes_with_the_same_command(tmp_path, ml100k_cache):
     assert f"Best: trial {study.best_trial.number}, value {study.best_value:.4f}." in (out / "tiny" / "trials.md").read_text()
     for png in ("optimization_history.png", "param_importances.png"):
         assert (out / "tiny" / png).read_bytes()[:8] == PNG, png
+
+
+def test_journal_storage_recovers_dead_local_and_stale_remote_trials(tmp_path):
+    """Without training: a RUNNING trial of a dead local process, one of another host with a stale heartbeat file,
+    and one with a fresh heartbeat; only the first two are failed and re-enqueued, each at most max_retries times."""
+    from sweeps.run import remaining
+    from sweeps.storage import GRACE_PERIOD, open_storage, recover_interrupted, resolve
+    from sweeps.trial import worker_identity
+
+    info = resolve(f"journal:{tmp_path / 'j' / 'study.log'}", tmp_path)
+    study = optuna.create_study(study_name="j", storage=open_storage(info, max_retries=1))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    identities = [
+        {"host": worker_identity()["host"], "pid": int(gone), "start": None},  # this host, process gone
+        {"host": "elsewhere", "pid": 1, "start": None},  # another machine, heartbeat stale
+        {"host": "elsewhere", "pid": 2, "start": None},  # another machine, heartbeat fresh
+        worker_identity(),  # this very process: alive
+    ]
+    for i, identity in enumerate(identities):
+        trial = study.ask()
+        trial.suggest_float("x", 0, 1)
+        trial.set_user_attr("worker", identity)
+        (info.heartbeat_dir / str(trial.number)).touch()
+        if i == 1:
+            old = time.time() - GRACE_PERIOD - 5
+            os.utime(info.heartbeat_dir / str(trial.number), (old, old))
+    assert recover_interrupted(study, info, max_retries=1) == [0, 1]
+    State = optuna.trial.TrialState
+    trials = study.get_trials()
+    assert [t.state for t in trials[:4]] == [State.FAIL, State.FAIL, State.RUNNING, State.RUNNING]
+    retries = trials[4:]
+    assert [t.state for t in retries] == [State.WAITING, State.WAITING]
+    assert [t.params for t in retries] == [trials[0].params, trials[1].params]
+    assert remaining(study, 4) == 4 - 2  # two running; failed-and-retried trials do not count
+    assert recover_interrupted(study, info, max_retries=1) == []  # nothing re-enqueued twice
+    assert len(study.get_trials()) == 6
