@@ -8,7 +8,7 @@ export WANDB_SILENT ?= true
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup run test test-slow clean report-encode-me
+.PHONY: setup run test test-slow clean report-encode-me sweep
 
 setup: $(STAMP)
 
@@ -33,6 +33,11 @@ test-slow: $(STAMP)
 
 clean:
 	rm -rf .cache outputs
+
+# An Optuna study: `make sweep SWEEP=gru_ae_ml100k ARGS="n_trials=6"`; the same command again resumes it.
+SWEEP ?= gru_ae_ml100k
+sweep: $(STAMP)
+	$(BIN)/python -m sweeps.run sweep=$(SWEEP) $(ARGS)
 
 # Regenerate reports/encode_me.md: every row's experiment on ml100k and on a generated
 # recsys2025 layout, then the ensembles, then the report (about an hour on 2 CPU cores).

@@ -221,6 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     from experiments.run import quiet_libraries
 
     quiet_libraries()
+    import warnings
+
+    import optuna
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats, retry callback
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     log.setLevel(logging.INFO)

@@ -8,7 +8,7 @@ A trial whose worker died stays RUNNING in the storage. It is recognised as dead
 worker ran on this host and that process is gone (pid + start time), or when its heartbeat
 is older than the grace period: optuna's own heartbeat for RDB storages, a heartbeat file per
 trial for journal storages (optuna's JournalStorage has none). Dead trials are marked FAIL
-and re-enqueued with the same parameters by optuna's RetryFailedTrialCallback, at most
+and re-enqueued with the same parameters by optuna's RetryHeartbeatStaleTrialCallback, at most
 max_retries times per original trial.
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +51,7 @@ def resolve(storage: str | None, study_dir: Path) -> StorageInfo:
 def open_storage(info: StorageInfo, max_retries: int):
     """The optuna storage object; RDB storages get optuna's heartbeat and the retry callback for stale trials."""
     import optuna
-    from optuna.storages import JournalStorage, RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
     from optuna.storages.journal import JournalFileBackend
 
     if info.kind == "journal":
@@ -62,12 +63,13 @@ def open_storage(info: StorageInfo, max_retries: int):
         Path(info.url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     engine = {"connect_args": {"timeout": 60}} if info.kind == "sqlite" else {"pool_pre_ping": True}
     try:
+        warnings.filterwarnings("ignore", message=".*(heartbeat|RetryHeartbeat).*")  # optuna: experimental
         return RDBStorage(
             info.url,
             engine_kwargs=engine,
             heartbeat_interval=HEARTBEAT_INTERVAL,
             grace_period=GRACE_PERIOD,
-            failed_trial_callback=RetryFailedTrialCallback(max_retry=max_retries),
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retries),
         )
     except (ImportError, ModuleNotFoundError) as err:
         raise ConfigError(f"storage={info.url}: a driver is missing ({err}); for PostgreSQL: pip install psycopg[binary]") from None
@@ -113,7 +115,7 @@ def recover_interrupted(study, info: StorageInfo, max_retries: int) -> list[int]
     Returns the numbers of the trials it marked failed. Optuna's RDB heartbeat handles dead
     workers on other machines by itself when the next trial starts (fail_stale_trials).
     """
-    from optuna.storages import RetryFailedTrialCallback
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
     from optuna.trial import TrialState
 
     from sweeps.trial import worker_is_dead
@@ -124,7 +126,9 @@ def recover_interrupted(study, info: StorageInfo, max_retries: int) -> list[int]
             study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
             if study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
                 failed.append(t.number)
-    retry = RetryFailedTrialCallback(max_retry=max_retries)
+    with warnings.catch_warnings():  # optuna marks the callback experimental
+        warnings.simplefilter("ignore")
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retries)
     trials = study.get_trials(deepcopy=False)
     done = retried_numbers(trials)
     for t in trials:

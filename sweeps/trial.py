@@ -131,7 +131,7 @@ def worker_is_dead(identity: dict[str, Any] | None) -> bool:
     return start is not None and process_start_time(pid) not in (None, start)
 
 
-def make_pruning_callback(trial, metric: str, spec_name: str, values: dict[str, Any]):
+def make_pruning_callback(trial, metric: str, spec_name: str, labels: dict[str, Any]):
     """optuna-integration's pruning callback, fed the probe's per-epoch AUC when the objective is a probe metric."""
     import torch
     from optuna_integration import PyTorchLightningPruningCallback
@@ -144,7 +144,7 @@ def make_pruning_callback(trial, metric: str, spec_name: str, values: dict[str, 
             for lg in trainer.loggers:  # the trial's parameters in its W&B run's config
                 if type(lg).__name__ == "WandbLogger":
                     lg.experiment.config.update(
-                        {"sweep": spec_name, "trial": trial.number, "trial_params": {k: format_value(v) for k, v in values.items()}},
+                        {"sweep": spec_name, "trial": trial.number, "trial_params": labels},
                         allow_val_change=True,
                     )
 
@@ -177,7 +177,7 @@ def run_trial(trial, spec: SweepSpec, extra: list[str], study_dir: Path) -> floa
     args = run_args(spec, values, extra, study_dir, trial.number)
     trial.set_user_attr("run_dir", str(study_dir / "trials" / spec.experiment / str(trial.number)))
     cfg = compose(args)
-    callback = make_pruning_callback(trial, spec.objective.metric, spec.name, values)
+    callback = make_pruning_callback(trial, spec.objective.metric, spec.name, dict(trial.params))
     try:
         result = run(cfg, command=shlex.join(["python", "-m", "experiments.run", *args]), extra_callbacks=[callback])
     except KeyboardInterrupt:
