@@ -19,6 +19,7 @@ import polars as pl
 import pytest
 
 from datamodules.sequences import LengthBucketBatchSampler
+from experiments.rundirs import launched_as_rank_zero
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,6 +37,22 @@ def test_length_buckets_split_every_epoch_across_ranks(world):
         assert [got[i % world][i // world] for i in range(len(padded))] == padded
     with pytest.raises(ValueError, match="rank"):
         LengthBucketBatchSampler(lengths, 8, num_replicas=2, rank=2)
+
+
+@pytest.mark.parametrize("env, zero", [
+    ({}, True),                                   # a plain run, or the process Lightning's launcher starts from
+    ({"LOCAL_RANK": "1"}, False),                 # a rank Lightning's launcher started
+    ({"NODE_RANK": "1"}, False),                  # the first process of node 1 (multi-node, Lightning's launcher)
+    ({"GROUP_RANK": "1", "LOCAL_RANK": "0"}, False),
+    ({"RANK": "0", "LOCAL_RANK": "0"}, True),     # torchrun
+    ({"RANK": "3", "LOCAL_RANK": "0"}, False),
+])
+def test_only_global_rank_zero_writes(monkeypatch, env, zero):
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert launched_as_rank_zero() is zero
 
 
 def test_ddp_two_ranks_evaluate_like_one_process(ml100k_cache, tmp_path):
