@@ -68,13 +68,16 @@ def embed_all(module: torch.nn.Module, dataloader: Iterable[dict], strategy: Str
 
 def gather_rows(strategy: Strategy, index: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Every rank's (index, rows) concatenated in rank order, on every rank; ranks may hold different counts."""
-    from lightning.fabric.utilities.distributed import _gather_all_tensors
-
     device = strategy.root_device
-    # _gather_all_tensors pads tensors of different lengths to the longest, gathers and trims them again
-    idx = _gather_all_tensors(torch.from_numpy(index.astype(np.int64)).to(device))
-    emb = _gather_all_tensors(torch.from_numpy(rows.astype(np.float32)).to(device))
-    return torch.cat(idx).cpu().numpy(), torch.cat(emb).cpu().numpy()
+    counts = strategy.all_gather(torch.tensor([len(index)], device=device)).view(-1).tolist()
+    longest = max(counts)
+    # all_gather needs the same shape on every rank: pad to the longest shard, cut the padding off after
+    idx = torch.zeros(longest, dtype=torch.long, device=device)
+    idx[: len(index)] = torch.from_numpy(index.astype(np.int64))
+    emb = torch.zeros((longest, rows.shape[1]), dtype=torch.float32, device=device)
+    emb[: len(rows)] = torch.from_numpy(rows.astype(np.float32))
+    idx, emb = strategy.all_gather(idx).cpu().numpy(), strategy.all_gather(emb).cpu().numpy()
+    return np.concatenate([idx[r, :n] for r, n in enumerate(counts)]), np.concatenate([emb[r, :n] for r, n in enumerate(counts)])
 
 
 def probe_embeddings(
