@@ -154,7 +154,7 @@ def fit_and_embed(cfg: DictConfig, datamodule, module, loggers: list, run_dir: P
 
     from callbacks.nonfinite import NonFiniteGuard
     from callbacks.probe import LinearProbe, embed_all
-    from callbacks.resume import ResumeState
+    from callbacks.resume import AtomicCheckpointIO, ResumeState
 
     # best.ckpt only at validation ends (min val/loss); last.ckpt every N steps (or every epoch) for resume=true
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/loss")
@@ -171,6 +171,7 @@ def fit_and_embed(cfg: DictConfig, datamodule, module, loggers: list, run_dir: P
         **settings,
         logger=loggers or False,
         callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
         default_root_dir=str(run_dir),
         enable_model_summary=False,
     )
