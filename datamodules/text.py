@@ -23,6 +23,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,10 +147,15 @@ def _yaml_plain_ok(value: str) -> bool:
         return False
 
 
+# Characters JSON leaves raw but YAML refuses (outside its printable set) or reads as line breaks; \uXXXX escapes them.
+_YAML_UNPRINTABLE = re.compile("[\x7f-\x9f\u2028\u2029\ud800-\udfff\ufffe\uffff]")
+
+
 def _yaml_scalar(value: str, numeric: bool) -> str:
     if (numeric and value != UNKNOWN) or _yaml_plain_ok(value):
         return value
-    return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid YAML double-quoted scalar
+    quoted = json.dumps(value, ensure_ascii=False)  # a JSON string is a valid YAML double-quoted scalar...
+    return _YAML_UNPRINTABLE.sub(lambda m: f"\\u{ord(m.group()):04x}", quoted)  # ...once YAML's unprintables are escaped
 
 
 def _json_value(value: str, numeric: bool) -> str:
