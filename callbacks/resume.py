@@ -6,6 +6,7 @@ how many batches of it were already trained on) and the random number generators
 (torch, numpy, python) that dropout and random slicing draw from. `ResumeState` saves
 both in the checkpoint and puts them back just before training continues. Everything
 is stored as plain lists and tensors, so the checkpoint loads with `weights_only=True`.
+`AtomicCheckpointIO` makes every checkpoint write a rename.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import lightning.pytorch as L
 import numpy as np
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
 def capture_rng() -> dict[str, Any]:
@@ -79,3 +81,20 @@ class ResumeState(L.Callback):
         if self.pending_rng is not None:
             restore_rng(self.pending_rng)
             self.pending_rng = None
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary sibling and renamed, so a kill mid-save leaves the previous last.ckpt whole.
+
+    (Lightning's own save renames from the system temp folder, which is a copy, not a
+    rename, when that folder is on another filesystem.)
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        from pathlib import Path
+
+        from experiments.run import atomic_write
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))

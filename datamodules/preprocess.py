@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 VERSION = 1  # bump when the cached layout or its meaning changes
 CACHE_IRRELEVANT = ("batch_size", "bucket_by_length", "num_workers", "cache_dir")
+CACHE_FILES = ("users.parquet", "targets.parquet")
 
 
 @dataclass
@@ -79,8 +80,23 @@ def stale_reason(path: Path, key: str) -> str | None:
         return "meta.json unreadable"
     if meta.get("key") != key or meta.get("version") != VERSION:
         return "key or version mismatch"
-    missing = [f for f in ("users.parquet", "targets.parquet") if not (path / f).is_file()]
-    return f"missing {missing}" if missing else None
+    missing = [f for f in CACHE_FILES if not (path / f).is_file()]
+    if missing:
+        return f"missing {missing}"
+    for name, digest in meta.get("files", {}).items():  # a torn, truncated or edited file does not load silently
+        if file_hash(path / name) != digest:
+            return f"{name} content hash mismatch"
+    if set(meta.get("files", {})) != set(CACHE_FILES):
+        return "no content hashes in meta.json"
+    return None
+
+
+def file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def is_val_user(user_ids: pl.Series, seed: int, fraction: float) -> np.ndarray:
@@ -237,17 +253,31 @@ def encode_codes(history: pl.LazyFrame, f: FieldSpec) -> pl.Expr:
 
 
 def write_atomic_dir(path: Path, frames: dict[str, pl.DataFrame], meta: dict) -> None:
-    """Write into a temporary sibling, then rename: readers see the old cache or the new, never half."""
+    """Write into a temporary sibling, then rename: readers see the old cache or the new, never half.
+
+    meta.json records each file's sha256, so a file changed after the rename is caught
+    (`stale_reason`). Two processes building the same cache at once: whoever renames
+    second finds the folder taken by a valid cache and drops its own copy.
+    """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         for name, frame in frames.items():
             frame.write_parquet(tmp / name)
+        meta = {**meta, "files": {name: file_hash(tmp / name) for name in frames}}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+        if path.exists() and stale_reason(path, meta["key"]) is None:
+            log.info("sequence cache %s was built by another process meanwhile; using it", path)
+            return
         if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+            shutil.rmtree(path, ignore_errors=True)
+        try:
+            os.replace(tmp, path)
+        except OSError:  # another process renamed its build into place between our check and our rename
+            if stale_reason(path, meta["key"]) is not None:
+                raise
+            log.info("sequence cache %s was built by another process meanwhile; using it", path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

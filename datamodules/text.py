@@ -21,7 +21,9 @@ import hashlib
 import html
 import importlib.util
 import json
+import logging
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,8 @@ import yaml
 
 from datamodules.preprocess import Prepared
 from datamodules.schema import FIRST_ID, MISSING, RARE
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("plain", "json", "markdown", "yaml", "html")
 FORMAT_NAMES = {"plain": "plain text", "json": "JSON", "markdown": "a Markdown table", "yaml": "YAML", "html": "an HTML table"}
@@ -143,10 +147,15 @@ def _yaml_plain_ok(value: str) -> bool:
         return False
 
 
+# Characters JSON leaves raw but YAML refuses (outside its printable set) or reads as line breaks; \uXXXX escapes them.
+_YAML_UNPRINTABLE = re.compile("[\x7f-\x9f\u2028\u2029\ud800-\udfff\ufffe\uffff]")
+
+
 def _yaml_scalar(value: str, numeric: bool) -> str:
     if (numeric and value != UNKNOWN) or _yaml_plain_ok(value):
         return value
-    return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid YAML double-quoted scalar
+    quoted = json.dumps(value, ensure_ascii=False)  # a JSON string is a valid YAML double-quoted scalar...
+    return _YAML_UNPRINTABLE.sub(lambda m: f"\\u{ord(m.group()):04x}", quoted)  # ...once YAML's unprintables are escaped
 
 
 def _json_value(value: str, numeric: bool) -> str:
@@ -331,10 +340,7 @@ def rewrite_with_llm(
               "top_p": top_p, "seed": seed, "max_new_tokens": max_new_tokens}  # fmt: skip
     keys = [hashlib.sha256(json.dumps({"text": t, **params}, sort_keys=True).encode()).hexdigest() for t in texts]
     cache_path = Path(cache_path)
-    done: dict[str, str] = {}
-    if cache_path.is_file():
-        cached = pl.read_parquet(cache_path)
-        done = dict(zip(cached["key"].to_list(), cached["text"].to_list()))
+    done = read_rewrite_cache(cache_path)
     todo = list(dict.fromkeys(k for k in keys if k not in done))
     if todo:
         by_key = dict(zip(keys, texts))
@@ -381,12 +387,33 @@ def _generate(tok: Any, model: Any, texts: list[str], params: dict, seed: int) -
     return tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
+REWRITE_CACHE_SCHEMA = {"key": pl.String, "text": pl.String}
+
+
+def read_rewrite_cache(path: Path) -> dict[str, str]:
+    """The cached rewrites; an unreadable file or one of another schema is logged and regenerated, never trusted."""
+    if not path.is_file():
+        return {}
+    try:
+        cached = pl.read_parquet(path)
+    except (pl.exceptions.PolarsError, OSError) as err:
+        log.info("LLM rewrite cache %s is unreadable (%s); regenerating it", path, str(err).splitlines()[0])
+        return {}
+    if dict(cached.schema) != REWRITE_CACHE_SCHEMA:
+        log.info("LLM rewrite cache %s has schema %s, expected %s; regenerating it", path, dict(cached.schema), REWRITE_CACHE_SCHEMA)
+        return {}
+    return dict(zip(cached["key"].to_list(), cached["text"].to_list()))
+
+
 def _write_cache(path: Path, done: dict[str, str]) -> None:
     """Whole file to a temporary sibling, then rename: a reader never sees a torn cache."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pl.DataFrame({"key": list(done), "text": list(done.values())}, schema={"key": pl.String, "text": pl.String}).write_parquet(tmp)
-    os.replace(tmp, path)
+    try:
+        pl.DataFrame({"key": list(done), "text": list(done.values())}, schema=REWRITE_CACHE_SCHEMA).write_parquet(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # -------------------------------------------------------------------- datasets and batches

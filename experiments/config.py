@@ -274,6 +274,19 @@ def compose(args: list[str]) -> DictConfig:
     return cfg
 
 
+def check_path_within(path: str | Path, roots: list[str | Path], key: str) -> Path:
+    """`path` resolved (user, `..`, symlinks); a ConfigError naming `key` unless it lies inside one of `roots`.
+
+    For path values that do not come from the person running the command, e.g. sweep
+    parameters: a sweep must not read or write outside the folders it was given.
+    """
+    resolved = Path(path).expanduser().resolve()
+    allowed = [Path(r).expanduser().resolve() for r in roots]
+    if not any(resolved == root or resolved.is_relative_to(root) for root in allowed):
+        raise ConfigError(f"{key}: {path} resolves to {resolved}, outside the allowed folders {[str(r) for r in allowed]}")
+    return resolved
+
+
 def to_dataclass(cfg: DictConfig, cls: type) -> Any:
     """A section as its dataclass (lists of nested dataclasses included)."""
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), cfg))

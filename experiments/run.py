@@ -168,7 +168,7 @@ def fit_and_embed(
 
     from callbacks.nonfinite import NonFiniteGuard
     from callbacks.probe import LinearProbe, embed_all
-    from callbacks.resume import ResumeState
+    from callbacks.resume import AtomicCheckpointIO, ResumeState
 
     # best.ckpt only at validation ends (min val/loss); last.ckpt every N steps (or every epoch) for resume=true.
     # Other ranks take rank 0's checkpoint folder (Lightning broadcasts it) and never write to it.
@@ -188,6 +188,7 @@ def fit_and_embed(
         **settings,
         logger=loggers or False,
         callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
         default_root_dir=run_dir and str(run_dir),
         enable_model_summary=False,
         use_distributed_sampler=False,  # the datamodules shard their batches per rank themselves

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from experiments.rundirs import latest_run
+from experiments.run import atomic_write
 
 REPORT_DIR = Path(__file__).parent
 
@@ -215,9 +216,7 @@ def build(name: str, outputs: Path) -> Path:
         lines += section_table(section, outputs, report)
     lines += ["## The paper's figures (not ours)", "", report.paper, ""]
     path = REPORT_DIR / f"{name}.md"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: tmp.write_text("\n".join(lines)))  # a killed build leaves the old report whole
     return path
 
 
