@@ -19,7 +19,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.config import ConfigError, DataConfig, compose, help_text, to_dataclass
-from experiments.rundirs import launched_as_rank_zero
+from experiments.rundirs import RUN_DIR_ENV, launched_as_rank_zero
 
 log = logging.getLogger("experiments.run")
 EVAL_GROUPS = ("probe", "downstream", "baseline")
@@ -149,11 +149,11 @@ def evaluate(cfg: DictConfig, prepared, embeddings, scores: dict | None = None) 
     return out
 
 
-def fit_and_embed(cfg: DictConfig, datamodule, module, loggers: list, run_dir: Path | None) -> tuple:
+def fit_and_embed(cfg: DictConfig, datamodule, module, loggers: list, run_dir: Path) -> tuple:
     """Train with Lightning, then embed every user with the weights of the best val/loss epoch.
 
-    Under DDP every rank runs this (run_dir is None on all but rank 0, which writes everything)
-    and every rank returns all users' embeddings, gathered from the ranks' shards.
+    Under DDP every rank runs this (only rank 0 writes checkpoints) and every rank returns all
+    users' embeddings, gathered from the ranks' shards.
     """
     import lightning.pytorch as L
     import torch
@@ -161,8 +161,7 @@ def fit_and_embed(cfg: DictConfig, datamodule, module, loggers: list, run_dir: P
 
     from callbacks.probe import LinearProbe, embed_all
 
-    # Other ranks take rank 0's checkpoint folder (Lightning broadcasts it) and never write to it.
-    checkpoint = ModelCheckpoint(dirpath=run_dir and run_dir / "checkpoints", filename="best", monitor="val/loss", save_last=True)
+    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/loss", save_last=True)
     callbacks = [checkpoint]
     if cfg.trainer.early_stopping_patience is not None:
         callbacks.append(EarlyStopping(monitor="val/loss", patience=cfg.trainer.early_stopping_patience))
@@ -174,7 +173,7 @@ def fit_and_embed(cfg: DictConfig, datamodule, module, loggers: list, run_dir: P
         **settings,
         logger=loggers or False,
         callbacks=callbacks,
-        default_root_dir=run_dir and str(run_dir),
+        default_root_dir=str(run_dir),
         enable_model_summary=False,
         use_distributed_sampler=False,  # the datamodules shard their batches per rank themselves
     )
@@ -222,13 +221,16 @@ def run(cfg: DictConfig, command: str | None = None) -> RunResult | None:
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err)) from None
 
-    run_dir, loggers = None, []
-    if launched_as_rank_zero():  # the only process that writes: run directory, loggers, files
+    writer = launched_as_rank_zero()  # under DDP only global rank 0 writes: run directory, loggers, files
+    if writer:
         run_dir = make_run_dir(cfg)
+        os.environ[RUN_DIR_ENV] = str(run_dir)  # the ranks Lightning's launcher starts on this node inherit it
         atomic_write(run_dir / "config.yaml", lambda p: OmegaConf.save(cfg, p, resolve=True))
         if command:  # reports cite the exact command behind each row
             atomic_write(run_dir / "command.txt", lambda p: p.write_text(command + "\n"))
         loggers = build_loggers(cfg, run_dir)
+    else:  # another rank: it names rank 0's directory (where known) but never creates or writes it
+        run_dir, loggers = Path(os.environ.get(RUN_DIR_ENV) or Path(cfg.output_dir) / cfg.experiment / (cfg.run_name or "unnamed")), []
     metrics, step = {}, 0
     if module is not None and any(p.requires_grad for p in module.parameters()):
         embeddings, metrics, step = fit_and_embed(cfg, datamodule, module, loggers, run_dir)
@@ -236,7 +238,7 @@ def run(cfg: DictConfig, command: str | None = None) -> RunResult | None:
         from callbacks.probe import embed_all
 
         embeddings = embed_all(module, datamodule.predict_dataloader())
-    if run_dir is None:  # another rank of a distributed run: rank 0 evaluates once and writes
+    if not writer:  # another rank of a distributed run: rank 0 evaluates once and writes
         return None
 
     scores: dict[str, dict] = {}  # row -> binary target -> EVAL labels and probabilities (ROC curves)

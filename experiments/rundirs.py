@@ -6,6 +6,9 @@ import os
 from pathlib import Path
 
 
+RUN_DIR_ENV = "EXPERIMENTS_RUN_DIR"  # rank 0's run directory, for the DDP ranks it starts
+
+
 def launched_as_rank_zero() -> bool:
     """Whether this process is global rank 0, known before any process group exists.
 
