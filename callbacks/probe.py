@@ -69,15 +69,24 @@ def embed_all(module: torch.nn.Module, dataloader: Iterable[dict], strategy: Str
 def gather_rows(strategy: Strategy, index: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Every rank's (index, rows) concatenated in rank order, on every rank; ranks may hold different counts."""
     device = strategy.root_device
-    counts = strategy.all_gather(torch.tensor([len(index)], device=device)).view(-1).tolist()
+
+    def all_gather(t: torch.Tensor) -> list[torch.Tensor]:
+        out = [torch.empty_like(t) for _ in range(strategy.world_size)]
+        torch.distributed.all_gather(out, t)
+        return out
+
+    counts = [int(c) for c in all_gather(torch.tensor([len(index)], device=device))]
     longest = max(counts)
     # all_gather needs the same shape on every rank: pad to the longest shard, cut the padding off after
     idx = torch.zeros(longest, dtype=torch.long, device=device)
     idx[: len(index)] = torch.from_numpy(index.astype(np.int64))
     emb = torch.zeros((longest, rows.shape[1]), dtype=torch.float32, device=device)
     emb[: len(rows)] = torch.from_numpy(rows.astype(np.float32))
-    idx, emb = strategy.all_gather(idx).cpu().numpy(), strategy.all_gather(emb).cpu().numpy()
-    return np.concatenate([idx[r, :n] for r, n in enumerate(counts)]), np.concatenate([emb[r, :n] for r, n in enumerate(counts)])
+    idx_all, emb_all = all_gather(idx), all_gather(emb)
+    return (
+        torch.cat([t[:n] for t, n in zip(idx_all, counts)]).cpu().numpy(),
+        torch.cat([t[:n] for t, n in zip(emb_all, counts)]).cpu().numpy(),
+    )
 
 
 def probe_embeddings(

@@ -19,7 +19,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.config import ConfigError, DataConfig, compose, help_text, to_dataclass
-from experiments.rundirs import launched_as_rank_zero
+from experiments.rundirs import RUN_DIR_ENV, launched_as_rank_zero
 
 log = logging.getLogger("experiments.run")
 EVAL_GROUPS = ("probe", "downstream", "baseline")
@@ -153,14 +153,14 @@ TRAINER_RUN_KEYS = ("early_stopping_patience", "checkpoint_every_n_steps", "on_n
 
 
 def fit_and_embed(
-    cfg: DictConfig, datamodule, module, loggers: list, run_dir: Path | None,
+    cfg: DictConfig, datamodule, module, loggers: list, run_dir: Path,
     resume_from: Path | None = None, extra_callbacks: list | None = None,
 ) -> tuple:
     """Train with Lightning (continuing from `resume_from`, a last.ckpt, if given), then embed every user with the weights of the best val/loss epoch.
 
     extra_callbacks run after the built-in ones (a sweep's pruning callback reads the probe's results).
-    Under DDP every rank runs this (run_dir is None on all but rank 0, which writes everything)
-    and every rank returns all users' embeddings, gathered from the ranks' shards.
+    Under DDP every rank runs this (only rank 0 writes checkpoints) and every rank returns all
+    users' embeddings, gathered from the ranks' shards.
     """
     import lightning.pytorch as L
     import torch
@@ -170,11 +170,9 @@ def fit_and_embed(
     from callbacks.probe import LinearProbe, embed_all
     from callbacks.resume import AtomicCheckpointIO, ResumeState
 
-    # best.ckpt only at validation ends (min val/loss); last.ckpt every N steps (or every epoch) for resume=true.
-    # Other ranks take rank 0's checkpoint folder (Lightning broadcasts it) and never write to it.
-    checkpoint_dir = run_dir and run_dir / "checkpoints"
-    checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor="val/loss")
-    last = ModelCheckpoint(dirpath=checkpoint_dir, save_top_k=0, save_last=True, every_n_train_steps=cfg.trainer.checkpoint_every_n_steps)
+    # best.ckpt only at validation ends (min val/loss); last.ckpt every N steps (or every epoch) for resume=true
+    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/loss")
+    last = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_top_k=0, save_last=True, every_n_train_steps=cfg.trainer.checkpoint_every_n_steps)
     guard = NonFiniteGuard(cfg.trainer.on_nonfinite)
     callbacks = [ResumeState(), guard, checkpoint, last]
     if cfg.trainer.early_stopping_patience is not None:
@@ -189,13 +187,13 @@ def fit_and_embed(
         logger=loggers or False,
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],
-        default_root_dir=run_dir and str(run_dir),
+        default_root_dir=str(run_dir),
         enable_model_summary=False,
         use_distributed_sampler=False,  # the datamodules shard their batches per rank themselves
     )
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
-    trainer.save_checkpoint(Path(last.dirpath) / "last.ckpt")  # the state after fit, whatever N was (rank 0 writes)
+    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")  # the state after fit, whatever N was (rank 0 writes)
     metrics = {"time/fit_seconds": time.perf_counter() - started, "epochs": trainer.current_epoch, "train/nonfinite_skipped": guard.skipped}
     if checkpoint.best_model_path:  # embed with the weights of the best val/loss epoch, as early stopping intends
         # rank 0 wrote the file (other ranks may be on other machines) and broadcasts its weights
@@ -240,13 +238,16 @@ def run(cfg: DictConfig, command: str | None = None, extra_callbacks: list | Non
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err)) from None
 
-    run_dir, loggers = None, []
-    if launched_as_rank_zero():  # the only process that writes: run directory, loggers, files
+    writer = launched_as_rank_zero()  # under DDP only global rank 0 writes: run directory, loggers, files
+    if writer:
         run_dir = resumed or make_run_dir(cfg)
+        os.environ[RUN_DIR_ENV] = str(run_dir)  # the ranks Lightning's launcher starts on this node inherit it
         atomic_write(run_dir / "config.yaml", lambda p: OmegaConf.save(cfg, p, resolve=True))
         if command and not resumed:  # reports cite the exact command behind each row
             atomic_write(run_dir / "command.txt", lambda p: p.write_text(command + "\n"))
         loggers = build_loggers(cfg, run_dir)
+    else:  # another rank: it names rank 0's directory (where known) but never creates or writes it
+        run_dir, loggers = Path(os.environ.get(RUN_DIR_ENV) or Path(cfg.output_dir) / cfg.experiment / (cfg.run_name or "unnamed")), []
     metrics, step = {}, 0
     if module is not None and any(p.requires_grad for p in module.parameters()):
         last = resumed / "checkpoints" / "last.ckpt" if resumed else None
@@ -255,7 +256,7 @@ def run(cfg: DictConfig, command: str | None = None, extra_callbacks: list | Non
         from callbacks.probe import embed_all
 
         embeddings = embed_all(module, datamodule.predict_dataloader())
-    if run_dir is None:  # another rank of a distributed run: rank 0 evaluates once and writes
+    if not writer:  # another rank of a distributed run: rank 0 evaluates once and writes
         return None
 
     scores: dict[str, dict] = {}  # row -> binary target -> EVAL labels and probabilities (ROC curves)

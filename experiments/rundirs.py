@@ -7,6 +7,9 @@ from pathlib import Path
 from typing import Any
 
 
+RUN_DIR_ENV = "EXPERIMENTS_RUN_DIR"  # rank 0's run directory, for the DDP ranks it starts
+
+
 def launched_as_rank_zero() -> bool:
     """Whether this process is global rank 0, known before any process group exists.
 
