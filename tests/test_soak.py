@@ -1,6 +1,6 @@
 """Long runs (slow): 50 short fits in one process; memory stays under a bound and no file handles leak.
 
-`make test-slow` runs it (about 2-4 minutes on 2 CPU cores). It goes through `run()` as a
+`make test-slow` runs it (minutes: each fit is a whole run). It goes through `run()` as a
 sweep worker would: data module, module, Trainer with checkpoints and the CSV logger,
 embedding, probe, run directory.
 """
@@ -38,7 +38,7 @@ def test_fifty_fits_in_one_process_keep_memory_and_file_handles_flat(csv_data, t
         "experiment=gru_ae_generic_csv", f"data.path={events}", f"data.labels.path={labels}", "data.schema.user=client",
         "data.schema.time=ts", "data.schema.fields=[{name: event_type}, {name: merchant}, {name: amount, kind: numeric}]",
         f"data.cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'out'}", "logger.wandb=false", "model.hidden=8",
-        "model.emb_dim=4", "trainer.max_epochs=2", "trainer.checkpoint_every_n_steps=2", "data.batch_size=8", "probe.C=1.0",
+        "model.emb_dim=4", "trainer.max_epochs=1", "trainer.checkpoint_every_n_steps=2", "data.batch_size=8", "probe.C=1.0",
     ]  # fmt: skip
     rss, fds = [], []
     for i in range(FITS):
