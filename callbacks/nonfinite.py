@@ -1,11 +1,12 @@
 """Non-finite losses and gradients, caught at the step they appear.
 
 `NonFiniteGuard` looks at the loss after the forward pass and at every gradient after the
-backward pass, before the optimizer steps. `on_nonfinite=error` stops the run with a
-`NonFiniteError` naming the global step, the batch's user ids and the loss parts the module
-logged (`train/loss_*`); `on_nonfinite=skip` drops that batch's gradients so the optimizer
-leaves every parameter as it was, and counts the skipped batches (metrics.json:
-`train/nonfinite_skipped`).
+backward pass, before the optimizer steps (under fp16 mixed precision only at the loss:
+the grad scaler expects overflowing gradients and skips those steps itself).
+`on_nonfinite=error` stops the run with a `NonFiniteError` naming the global step, the
+batch's user ids and the loss parts the module logged (`train/loss_*`);
+`on_nonfinite=skip` drops that batch's gradients so the optimizer leaves every parameter
+as it was, and counts the skipped batches (metrics.json: `train/nonfinite_skipped`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class NonFiniteGuard(L.Callback):
         self.loss_finite = self.loss_finite and bool(torch.isfinite(loss.detach()).all())
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
-        bad = [name for name, p in pl_module.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+        bad = [] if scaled_fp16(trainer) else [name for name, p in pl_module.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
         loss_finite, self.loss_finite = self.loss_finite, True  # the next step starts clean (accumulated batches included)
         if loss_finite and not bad:
             return
@@ -65,6 +66,11 @@ class NonFiniteGuard(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self.skipped = int(state_dict["skipped"])
+
+
+def scaled_fp16(trainer: L.Trainer) -> bool:
+    """fp16 mixed precision: the grad scaler expects overflowing gradients now and then and skips those steps itself."""
+    return str(trainer.precision) in ("16-mixed", "16")
 
 
 def batch_users(trainer: L.Trainer, batch: Any, limit: int = 20) -> str:
