@@ -235,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume (the running trial is retried)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -131,8 +131,11 @@ def worker_is_dead(identity: dict[str, Any] | None) -> bool:
     return start is not None and process_start_time(pid) not in (None, start)
 
 
-def make_pruning_callback(trial, metric: str, spec_name: str, labels: dict[str, Any]):
-    """optuna-integration's pruning callback, fed the probe's per-epoch AUC when the objective is a probe metric."""
+def make_pruning_callback(trial, metric: str, spec_name: str, labels: dict[str, Any], prune: bool = True):
+    """optuna-integration's pruning callback, fed the probe's per-epoch AUC when the objective is a probe metric.
+
+    With prune=False (pruner: none) it only labels the W&B run and closes it on an exception.
+    """
     import torch
     from optuna_integration import PyTorchLightningPruningCallback
 
@@ -149,6 +152,8 @@ def make_pruning_callback(trial, metric: str, spec_name: str, labels: dict[str, 
                     )
 
         def on_validation_end(self, trainer, pl_module) -> None:
+            if not prune:
+                return
             if metric.startswith("probe/") and not trainer.sanity_checking:
                 probe = next((c for c in trainer.callbacks if isinstance(c, LinearProbe)), None)
                 if probe is not None and probe.results:
@@ -177,7 +182,7 @@ def run_trial(trial, spec: SweepSpec, extra: list[str], study_dir: Path) -> floa
     args = run_args(spec, values, extra, study_dir, trial.number)
     trial.set_user_attr("run_dir", str(study_dir / "trials" / spec.experiment / str(trial.number)))
     cfg = compose(args)
-    callback = make_pruning_callback(trial, spec.objective.metric, spec.name, dict(trial.params))
+    callback = make_pruning_callback(trial, spec.objective.metric, spec.name, dict(trial.params), spec.pruner.name != "none")
     try:
         result = run(cfg, command=shlex.join(["python", "-m", "experiments.run", *args]), extra_callbacks=[callback])
     except KeyboardInterrupt:

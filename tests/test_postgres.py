@@ -13,7 +13,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from tests.test_sweeps import REPO, tiny_sweep
+from tests.test_sweeps import ONE_THREAD, REPO, tiny_sweep
 
 
 def postgres_bindir() -> Path | None:
@@ -65,7 +65,7 @@ def test_two_workers_share_a_postgresql_study(postgres_url, tmp_path, ml100k_cac
     out = tmp_path / "sweeps"
     cmd = [sys.executable, "-m", "sweeps.run", f"sweep={sweep}", "study=pg", f"storage={postgres_url}", f"sweeps_dir={out}",
            f"data.cache_dir={ml100k_cache}", "logger.wandb=false", "--workers", "2"]
-    done = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, cwd=REPO, env={**os.environ, **ONE_THREAD, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
 
     study = optuna.load_study(study_name="pg", storage=postgres_url)

@@ -22,6 +22,8 @@ from sweeps.trial import check_space, format_value
 
 REPO = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
+# Tiny models gain nothing from two threads, and on a busy 2-core box OpenMP's spinning threads make them 3x slower.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 # A GRU-AE on ml100k small enough for a test: short sequences, 8-16 wide, 2 epochs of 3 batches.
 TINY = {
@@ -102,7 +104,17 @@ def test_format_value_round_trips_through_the_run_config():
     assert format_value(["item", "rating"]) == "[item, rating]"
 
 
-def test_in_process_sweep_conditional_params_wandb_and_report(tmp_path, ml100k_cache):
+@pytest.fixture
+def one_thread():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_in_process_sweep_conditional_params_wandb_and_report(tmp_path, ml100k_cache, one_thread):
     """Two trials in this process: a conditional parameter, W&B runs grouped by study, the report matches the study."""
     sweep = tiny_sweep(
         tmp_path,
@@ -170,7 +182,7 @@ def test_killed_sweep_resumes_with_the_same_command(tmp_path, ml100k_cache):
     out = tmp_path / "sweeps"
     cmd = [sys.executable, "-m", "sweeps.run", f"sweep={sweep}", "study=tiny", f"sweeps_dir={out}",
            f"data.cache_dir={ml100k_cache}", "logger.wandb=false"]
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, **ONE_THREAD, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
     storage = f"sqlite:///{out / 'tiny' / 'study.db'}"
     State = optuna.trial.TrialState
 
@@ -189,7 +201,7 @@ def test_killed_sweep_resumes_with_the_same_command(tmp_path, ml100k_cache):
 
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        finished, victim = wait_for(killable, 240, proc, "two trials finished and a third running")
+        finished, victim = wait_for(killable, 900, proc, "two trials finished and a third running")
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     finally:
@@ -198,7 +210,7 @@ def test_killed_sweep_resumes_with_the_same_command(tmp_path, ml100k_cache):
     assert {t.number for t in finished} <= set(before)
     assert next(t for t in snapshot() if t.number == victim.number).state == State.RUNNING  # the kill left it dangling
 
-    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"trials [{victim.number}] were interrupted" in again.stderr
 
