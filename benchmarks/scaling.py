@@ -1,5 +1,5 @@
 """Scaling with sequence length: one training step (forward + backward) of every registered
-encoder on a batch of users whose sequences all have length T, for T from 32 to 1024.
+encoder on a batch of users whose sequences all have length T, for T from 32 to 512.
 
 Memory is the bytes the autograd graph keeps for backward (tensors saved by the forward,
 each storage counted once): the part of training memory that grows with T, measured exactly
@@ -20,8 +20,8 @@ import numpy as np
 from benchmarks.common import median_time
 from benchmarks.registry import ENCODERS, Report, benchmark
 
-LENGTHS = (32, 64, 128, 256, 512, 1024)
-BATCH = 32
+LENGTHS = (32, 64, 128, 256, 512)
+BATCH = 16
 VOCAB = {"event_type": 10, "sku": 1005, "url": 1005, "category": 405, "price": 105}  # recsys2025 preset sizes
 
 
@@ -85,7 +85,7 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
 def scaling(scale: float, repeats: int, out_dir: Path) -> Report:
     import torch
 
-    lengths = [T for T in LENGTHS if T <= max(64, 1024 * scale)]
+    lengths = [T for T in LENGTHS if T <= max(64, 512 * scale)]
     users = max(4, int(BATCH * min(scale, 1.0)))
     rows, results, notes = [], {}, []
     for name, factory in ENCODERS.items():
