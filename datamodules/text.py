@@ -282,7 +282,7 @@ def fit_budget(render: Callable[[int], str], n_events: int, tokenizer: Any, max_
     always drops whole events, oldest first, never half a line. Binary search over n:
     O(log n) tokenizations instead of one per event; the text returned was measured,
     so it fits even if token counts were not monotone in n. Raises when not even the
-    head with zero events fits.
+    head with zero events fits, or when the head fits but not one event after it.
     """
     budget = max_tokens - extra_tokens
 
@@ -293,7 +293,10 @@ def fit_budget(render: Callable[[int], str], n_events: int, tokenizer: Any, max_
         return render(n_events)
     if not fits(0):
         raise ValueError(f"max_tokens={max_tokens}: even the header alone does not fit")
-    lo, hi = 0, n_events  # fits(lo), not fits(hi)
+    if not fits(1):  # the header alone would give every user the same text, hence the same embedding
+        head = count_tokens(tokenizer, render(0))
+        raise ValueError(f"max_tokens={max_tokens}: the header takes {head} tokens and not one event fits after it; raise max_tokens or set header=false")
+    lo, hi = 1, n_events  # fits(lo), not fits(hi)
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)

@@ -32,7 +32,7 @@ def test_every_experiment_smoke_runs(name, csv_data, ml100k_cache, recsys_dir, r
     if name == "llm4es_random":  # its model folder is generated, not committed
         args.append(f"model.model_path={random_lm_dir}")
     if name.startswith(("llm4es", "lm_features")):  # short texts keep the LM smoke runs quick
-        args.append("model.max_tokens=48")
+        args.append("model.max_tokens=128")  # the header and at least one event in every format
     cfg = compose(args + data_args(name, csv_data, ml100k_cache, tmp_path, recsys_dir))
     if cfg.model.name == "ensemble":  # its blocks are finished runs: make them first, then point the ensemble at them
         for block in cfg.model.blocks:

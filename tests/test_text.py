@@ -157,13 +157,15 @@ def test_augment_formats_renders_every_format(prepared):
 def test_fit_budget_keeps_whole_recent_events(prepared, tokenizer, fmt):
     rendered = Renderer(prepared).render(1, fmt)
     counts = [count_tokens(tokenizer, rendered.text(n)) for n in range(len(rendered) + 1)]
-    for budget in [counts[0], counts[1] + 1, counts[7], counts[20] - 1, counts[-1], counts[-1] + 50]:
+    for budget in [counts[1], counts[1] + 1, counts[7], counts[20] - 1, counts[-1], counts[-1] + 50]:
         text = fit_budget(rendered.text, len(rendered), tokenizer, budget)
         assert count_tokens(tokenizer, text) <= budget
         kept = next(n for n in range(len(rendered) + 1) if rendered.text(n) == text)  # whole events only
         assert kept == len(rendered) or counts[kept + 1] > budget  # and as many as fit
-    with pytest.raises(ValueError, match="header"):
+    with pytest.raises(ValueError, match="header alone"):
         fit_budget(rendered.text, len(rendered), tokenizer, counts[0] - 1)
+    with pytest.raises(ValueError, match="not one event fits"):  # a header-only text would be the same for every user
+        fit_budget(rendered.text, len(rendered), tokenizer, counts[1] - 1)
 
 
 def test_dataset_items_fit_and_cover_users_times_formats(prepared, tokenizer):
