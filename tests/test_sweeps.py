@@ -125,6 +125,7 @@ def test_in_process_sweep_conditional_params_wandb_and_report(tmp_path, ml100k_c
             "model.hidden": {"type": "categorical", "choices": [8, 16]},
         },
         sampler={"name": "random", "seed": 5},  # seed 5 samples layers 1 then 2: both branches of the condition
+        pruner={"name": "none"},  # both trials must complete (pruning has its own test)
         n_trials=2,
     )
     out = tmp_path / "sweeps"
