@@ -24,9 +24,11 @@ $(STAMP): pyproject.toml constraints.txt
 run: $(STAMP)
 	$(BIN)/python -m experiments.run
 
-# pytest exit code 5 (no tests collected) fails here like any other failure.
+# pytest exit code 5 (no tests collected) fails here like any other failure. One torch thread
+# per process: several tests run 2-4 training processes at once (DDP ranks, sweep workers), and
+# 2 OpenMP threads each on 2 cores made them many times slower.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
