@@ -27,7 +27,7 @@ def padded_losses(model: Any, batch: dict) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from datamodules.schema import EOS, PAD, SOS
+    from datamodules.schema import SOS
 
     tokens, lengths = model._view(batch)
     B, T = tokens[0].shape
@@ -37,12 +37,7 @@ def padded_losses(model: Any, batch: dict) -> dict:
     x = torch.cat([model._events(prev), z[:, None, :].expand(B, T + 1, z.shape[-1])], dim=-1)
     out, _ = model.decoder(x, z[None].expand(model.hparams.layers, B, z.shape[-1]).contiguous())
     real = torch.arange(T + 1)[None, :] < (lengths + 1)[:, None]
-    out = out[real]
-    losses = {}
-    for f, head, t in zip(model.fields, model.heads, tokens):
-        tgt = F.pad(t, (0, 1), value=PAD).scatter(1, lengths[:, None], EOS)
-        losses[f] = F.cross_entropy(head(out), tgt[real])
-    return losses
+    return model.field_losses(out[real], real, tokens, lengths)
 
 
 def batches(store: Any, rows: np.ndarray, bucketed: bool) -> list[dict]:

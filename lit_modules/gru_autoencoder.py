@@ -111,7 +111,10 @@ class GRUAutoencoder(L.LightningModule):
 
         # Only real positions reach the heads: pads are neither scored nor paid for.
         real = torch.arange(T + 1, device=out.device)[None, :] < dec_lengths[:, None].to(out.device)
-        out = out[real]
+        return self.field_losses(out[real], real, tokens, lengths)
+
+    def field_losses(self, out: torch.Tensor, real: torch.Tensor, tokens: list[torch.Tensor], lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Cross-entropy per field over the decoder states of real positions: every event, then EOS after the last."""
         losses = {}
         for f, head, t in zip(self.fields, self.heads, tokens):
             target = F.pad(t, (0, 1), value=PAD).scatter(1, lengths[:, None], EOS)
