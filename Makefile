@@ -8,7 +8,7 @@ export WANDB_SILENT ?= true
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup run test test-slow clean report-encode-me sweep
+.PHONY: setup run test test-slow clean report-encode-me report-llm4es sweep
 
 setup: $(STAMP)
 
@@ -49,6 +49,16 @@ ENCODE_ME_RECSYS := gru_ae_recsys2025 gru_ae_week_all_recsys2025 gru_ae_day_even
 
 data/recsys2025_synth/product_buy.parquet: | $(STAMP)
 	$(BIN)/python -m datamodules.synthetic recsys2025 --clients 4000 --seed 0 --out data/recsys2025_synth
+
+# Regenerate reports/llm4es.md (the LM rows need the random-weights comparator written first).
+REPORT_LLM4ES := gru_ae_ml100k lm_features llm4es llm4es_formats llm4es_random ensemble_llm4es_ml100k
+
+models/minilm_random/config.json: | $(STAMP)
+	$(BIN)/python -m lit_modules.random_lm --out models/minilm_random
+
+report-llm4es: $(STAMP) models/minilm_random/config.json
+	for e in $(REPORT_LLM4ES); do $(BIN)/python -m experiments.run experiment=$$e || exit 1; done
+	$(BIN)/python -m reports.build llm4es
 
 report-encode-me: $(STAMP) data/recsys2025_synth/product_buy.parquet
 	for e in $(ENCODE_ME_ML100K) $(ENCODE_ME_RECSYS); do $(BIN)/python -m experiments.run experiment=$$e || exit 1; done
