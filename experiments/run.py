@@ -19,7 +19,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.config import ConfigError, DataConfig, compose, help_text, to_dataclass
-from experiments.rundirs import RUN_DIR_ENV, launched_as_rank_zero
+from experiments.rundirs import RUN_DIR_ENV, launched_as_rank_zero, resume_dir
 
 log = logging.getLogger("experiments.run")
 EVAL_GROUPS = ("probe", "downstream", "baseline")
@@ -217,7 +217,6 @@ def run(cfg: DictConfig, command: str | None = None, extra_callbacks: list | Non
     from safetensors.torch import save_model
 
     from datamodules.datamodule import EventDataModule
-    from experiments.rundirs import resume_dir
     from lit_modules.registry import MODELS, build_datamodule, build_module
 
     resumed = resume_dir(cfg)  # checked before any work: resume=true or a run directory
