@@ -134,6 +134,13 @@ def bucket_edges(values: np.ndarray, n_buckets: int) -> np.ndarray:
 
 
 def build(source: SourceData, cfg: DataConfig, seed: int, key: str, path: Path) -> None:
+    """Source events -> users.parquet, targets.parquet and meta.json in `path` (atomically).
+
+    The events are collected once, deduplicated once, and every later step works on frames
+    in memory: over the source's lazy plan, each of the ~20 small queries below would re-run
+    parsing and deduplication. Users and files are ranked to integers so the big sort is
+    over numbers, not strings.
+    """
     schema = source.schema
     for t in cfg.targets:
         if t.kind not in STATIC_KINDS + FUTURE_KINDS:
@@ -143,25 +150,27 @@ def build(source: SourceData, cfg: DataConfig, seed: int, key: str, path: Path) 
 
     counts = dict(source.counts)
     field_cols = [f.name for f in schema.fields]
-    events = source.events
-    n_raw = events.select(pl.len()).collect().item()
-    events = events.unique(subset=["user_id", "time", *field_cols], keep="first", maintain_order=True)
-    counts["raw_events"] = n_raw
-    counts["duplicate_events"] = n_raw - events.select(pl.len()).collect().item()
+    raw = source.events.collect()
+    events = drop_duplicate_events(raw, ["user_id", "time", *field_cols])
+    counts["raw_events"] = raw.height
+    counts["duplicate_events"] = raw.height - events.height
+    del raw
 
-    cutoff = resolve_cutoff(events, cfg)
+    cutoff = resolve_cutoff(events.lazy(), cfg)
     history, future = events, None
     if cutoff is not None:
         history = events.filter(pl.col("time") < cutoff)
         window_end = cutoff + dt.timedelta(days=cfg.window_days)
-        future = events.filter((pl.col("time") >= cutoff) & (pl.col("time") < window_end)).collect()
-        counts["events_after_cutoff"] = events.filter(pl.col("time") >= cutoff).select(pl.len()).collect().item()
+        future = events.filter((pl.col("time") >= cutoff) & (pl.col("time") < window_end))
+        counts["events_after_cutoff"] = events.height - history.height
+    del events
 
-    users = history.select(pl.col("user_id").unique()).collect()["user_id"].sort()
+    users = history["user_id"].unique().sort()
     if users.len() == 0:
         raise DataError(f"{source.files[0]}: no events before the cutoff {cutoff}" if cutoff else f"{source.files[0]}: no events")
     val = is_val_user(users, seed, cfg.val_fraction)
-    train = history.join(pl.LazyFrame({"user_id": users.filter(~pl.Series(val))}), on="user_id", how="semi")
+    history = history.with_columns(_user=rank_of(pl.col("user_id"), users), _file_rank=rank_of(pl.col("_file"), history["_file"].unique().sort()))
+    train = history.lazy().filter(pl.lit(pl.Series(~val)).gather(pl.col("_user")))
 
     vocabs: dict[str, list[str]] = {}
     encoded = []
@@ -181,26 +190,23 @@ def build(source: SourceData, cfg: DataConfig, seed: int, key: str, path: Path) 
         encoded.append(pl.when(pl.col(f.name).is_null()).then(MISSING).otherwise(bucket.cast(pl.Int32) + FIRST_ID).cast(pl.Int32).alias(f"tok_{f.name}"))
         encoded.append(pl.col(f.name).cast(pl.Float32).alias(f"val_{f.name}"))
 
-    for f in schema.of_kind("codes"):
-        encoded.append(encode_codes(history, f))
-        top = history.select(pl.col(f.name).list.max().max()).collect().item()
+    codes = schema.of_kind("codes")
+    for f in codes:
+        encoded.append(encode_codes(history.lazy(), f))
+    tops = history.select(pl.col("time").min().alias("t0"), *[pl.col(f.name).list.max().max().alias(f.name) for f in codes]).row(0, named=True)
+    for f in codes:
+        top = tops[f.name]
         vocabs[f.name] = [str(c) for c in range(int(top) + 1)] if top is not None else []
 
-    t0 = history.select(pl.col("time").min()).collect().item()
+    t0 = tops["t0"]
     day = (pl.col("time") - pl.lit(t0)).dt.total_days().cast(pl.Int32)
     encoded += [(day + FIRST_ID).alias(f"tok_{DAY_FIELD}"), (day // 7 + FIRST_ID).alias(f"tok_{WEEK_FIELD}")]
     texts = [f.name for f in schema.of_kind("text")]
 
-    ordered = (
-        history.sort(["user_id", "time", "_file", "_row"])
-        .with_columns(pos=pl.int_range(pl.len()).over("user_id"), n=pl.len().over("user_id").cast(pl.Int64))
-        .filter(pl.col("pos") >= pl.col("n") - cfg.max_len)
-        .select("user_id", pl.col("time").dt.epoch("s").alias("time"), *encoded, *[pl.col(t).alias(f"txt_{t}") for t in texts])
-    )
-    frame = ordered.group_by("user_id", maintain_order=True).agg(pl.all()).collect()
-    n_history = history.select(pl.len()).collect().item()
-    counts["history_events"] = n_history
-    counts["truncated_events"] = n_history - int(frame["time"].list.len().sum())
+    frame = last_events(history, cfg.max_len, ["user_id", pl.col("time").dt.epoch("s").alias("time"), *encoded, *[pl.col(t).alias(f"txt_{t}") for t in texts]])
+    counts["history_events"] = history.height
+    counts["truncated_events"] = history.height - int(frame["time"].list.len().sum())
+    del history, train
 
     max_day = int(frame[f"tok_{DAY_FIELD}"].list.max().max()) - FIRST_ID
     vocab_sizes = {f.name: FIRST_ID + len(vocabs[f.name]) for f in schema.of_kind("categorical", "numeric", "codes")}
@@ -238,6 +244,46 @@ def build(source: SourceData, cfg: DataConfig, seed: int, key: str, path: Path) 
         if n and reason not in ("raw_events", "history_events"):
             log.info("%s: %d %s", source.name, n, reason.replace("_", " "))
     write_atomic_dir(path, {"users.parquet": frame, "targets.parquet": targets.with_columns(is_val=pl.Series(val))}, meta)
+
+
+def drop_duplicate_events(events: pl.DataFrame, columns: list[str]) -> pl.DataFrame:
+    """Drop every event equal to an earlier one on all `columns`; keeps the first, in order.
+
+    Only events that share user and time with another can be duplicates, so the full
+    comparison (list columns included, which is slow to hash) runs on those few only.
+    """
+    shared = events.select(pl.struct("user_id", "time").is_duplicated()).to_series()
+    if not shared.any():
+        return events
+    candidates = events.with_row_index("_pos").filter(shared)
+    repeated = candidates.filter(~pl.struct(columns).is_first_distinct())["_pos"]
+    return events.with_row_index("_pos").filter(~pl.col("_pos").is_in(repeated.implode())).drop("_pos")
+
+
+def rank_of(column: pl.Expr, sorted_values: pl.Series) -> pl.Expr:
+    """Each value's position in `sorted_values` (which holds every value of the column), as Int32."""
+    return column.replace_strict(sorted_values, pl.int_range(sorted_values.len(), eager=True), return_dtype=pl.Int32)
+
+
+def last_events(history: pl.DataFrame, max_len: int, columns: list[pl.Expr | str]) -> pl.DataFrame:
+    """One row per user (sorted by user id) with list columns of their last `max_len` events in time order.
+
+    Ties in time keep file then row order. The sort runs over integer ranks; the selected
+    columns are computed only for the events that are kept.
+    """
+    order = history.lazy().select(pl.arg_sort_by(["_user", "time", "_file_rank", "_row"])).collect().to_series()
+    ranked = history.select("_user").to_series().gather(order)
+    pos = ranked.to_frame().select(pl.int_range(pl.len()).over("_user").alias("pos"), pl.len().over("_user").cast(pl.Int64).alias("n"))
+    keep = order.filter(pos["pos"] >= pos["n"] - max_len)
+    return (
+        history[keep]
+        .lazy()
+        .select("_user", *columns)
+        .group_by("_user", maintain_order=True)
+        .agg(pl.col("user_id").first(), pl.exclude("_user", "user_id"))
+        .drop("_user")
+        .collect()
+    )
 
 
 def encode_codes(history: pl.LazyFrame, f: FieldSpec) -> pl.Expr:

@@ -88,7 +88,7 @@ def parse_time(frame: pl.LazyFrame, column: str, time_format: str | None, path: 
             f"{path}: column {column!r} has dtype {dtype}; set schema.time_format to epoch_s or epoch_ms "
             "for numeric times, or a strftime pattern for strings"
         )
-    frame = frame.with_columns(parsed.cast(pl.Datetime("us")).alias("time"))
+    frame = frame.with_columns(parsed.cast(pl.Datetime("us")).alias("time")).collect().lazy()  # parsed once, not per query
     row = first_row(frame, pl.col("time").is_null() & src.is_not_null())
     if row is not None:
         raw = frame.filter(pl.col("_row") == row).select(src.cast(pl.String)).collect().item()

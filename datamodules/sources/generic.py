@@ -22,7 +22,12 @@ READERS = {".csv": "csv", ".tsv": "csv", ".txt": "csv", ".parquet": "parquet", "
 
 
 def scan_table(path: Path, separator: str | None = None) -> pl.LazyFrame:
-    """Lazy scan of one file with a 1-based `_row`; missing, unreadable and empty files are DataErrors."""
+    """One file read into memory once, with a 1-based `_row`, as a LazyFrame over that memory.
+
+    Validation runs a dozen small queries per file: over a lazy scan each would re-read and
+    re-decode the file, over the collected frame each is a pass over memory. Missing,
+    unreadable and empty files are DataErrors.
+    """
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     kind = READERS.get(path.suffix.lower())
@@ -36,12 +41,12 @@ def scan_table(path: Path, separator: str | None = None) -> pl.LazyFrame:
             frame = pl.scan_parquet(path)
         else:
             frame = pl.scan_ipc(path)
-        frame = frame.with_row_index("_row", offset=1)
-        if frame.select(pl.len()).collect().item() == 0:
+        table = frame.with_row_index("_row", offset=1).collect()
+        if table.height == 0:
             raise DataError(f"{path}: no rows")
     except (pl.exceptions.NoDataError, pl.exceptions.ComputeError, OSError) as err:
         raise DataError(f"{path}: cannot read as {kind}: {str(err).splitlines()[0]}") from None
-    return frame
+    return table.lazy()
 
 
 def read_events(path: Path, schema: EventSchema, time_format: str | None, separator: str | None = None) -> tuple[pl.LazyFrame, dict[str, int]]:

@@ -83,8 +83,8 @@ def load(path: str | Path) -> SourceData:
     return SourceData("recsys2025", pl.concat(frames, how="vertical"), SCHEMA, None, paths, {}, users)
 
 
-def parse_codes(frame: pl.LazyFrame, column: str, path: Path) -> pl.Expr:
-    """The codes column as List(Int64) of CODE_LENGTH ints in 0-255 (null stays null); anything else is an error.
+def parse_codes(frame: pl.LazyFrame, column: str, path: Path) -> pl.LazyFrame:
+    """`frame` with `column` parsed to List(Int64) of CODE_LENGTH ints in 0-255 (null stays null), collected once.
 
     Vectorised: strip the brackets, split on spaces or commas, cast each piece; a piece that
     is not an integer becomes null, which the check below reports with the raw value.
@@ -98,18 +98,20 @@ def parse_codes(frame: pl.LazyFrame, column: str, path: Path) -> pl.Expr:
         parsed = src.cast(CODES) if isinstance(dtype, pl.List) else src.arr.to_list().cast(CODES)
     else:
         raise DataError(f"{path}: column {column!r} has dtype {dtype}; expected a string '[a b ... ]' or a list of {CODE_LENGTH} ints")
+    table = frame.with_columns(parsed.alias("_parsed")).collect()
+    codes = pl.col("_parsed")
     bad = src.is_not_null() & (
-        (parsed.list.len() != CODE_LENGTH)
-        | (parsed.list.drop_nulls().list.len() != CODE_LENGTH)
-        | (parsed.list.min() < 0)
-        | (parsed.list.max() > CODE_MAX)
+        (codes.list.len() != CODE_LENGTH)
+        | (codes.list.drop_nulls().list.len() != CODE_LENGTH)
+        | (codes.list.min() < 0)
+        | (codes.list.max() > CODE_MAX)
     )
-    row = first_row(frame, bad)
+    row = first_row(table.lazy(), bad)
     if row is not None:
-        raw = frame.filter(pl.col("_row") == row).select(src.cast(pl.String) if dtype == pl.String else src.cast(CODES)).collect().item()
+        raw = table.filter(pl.col("_row") == row).select(src.cast(pl.String) if dtype == pl.String else src.cast(CODES)).item()
         raw = raw if isinstance(raw, str) else str(list(raw))
         raise DataError(f"{path}: column {column!r}, row {row}: expected {CODE_LENGTH} integers in 0-{CODE_MAX}, got {raw!r}")
-    return parsed
+    return table.drop(column).rename({"_parsed": column}).lazy()
 
 
 def require_integer(frame: pl.LazyFrame, column: str, path: Path) -> None:
@@ -135,13 +137,13 @@ def read_properties(path: Path) -> pl.LazyFrame:
     if row is not None:
         sku = frame.filter(pl.col("_row") == row).select("sku").collect().item()
         raise DataError(f"{path}: column 'sku', row {row}: sku {sku} is listed more than once")
-    name = parse_codes(frame, "name", path)
     return (
-        frame.select(
+        parse_codes(frame, "name", path)
+        .select(
             pl.col("sku").cast(pl.Int64),
             pl.col("category").cast(pl.String),
             pl.col("price").cast(pl.String),
-            name.alias("name"),
+            pl.col("name"),
         )
         .collect()
         .lazy()
@@ -173,7 +175,8 @@ def read_events(path: Path, table: str, properties: pl.LazyFrame) -> pl.LazyFram
         require_integer(frame, "url", path)
         columns["url"] = pl.col("url").cast(pl.String)
     else:
-        columns["query"] = parse_codes(frame, "query", path)
+        frame = parse_codes(frame, "query", path)
+        columns["query"] = pl.col("query")
     return frame.select(
         pl.col("_row"),
         pl.lit(str(path)).alias("_file"),
