@@ -34,7 +34,7 @@ from datamodules.targets import FUTURE_KINDS, STATIC_KINDS, Target, future_label
 
 log = logging.getLogger(__name__)
 
-VERSION = 1  # bump when the cached layout or its meaning changes
+VERSION = 2  # bump when the cached layout or its meaning changes
 CACHE_IRRELEVANT = ("batch_size", "bucket_by_length", "num_workers", "cache_dir")
 CACHE_FILES = ("users.parquet", "targets.parquet")
 
@@ -136,10 +136,11 @@ def bucket_edges(values: np.ndarray, n_buckets: int) -> np.ndarray:
 def build(source: SourceData, cfg: DataConfig, seed: int, key: str, path: Path) -> None:
     """Source events -> users.parquet, targets.parquet and meta.json in `path` (atomically).
 
-    The events are collected once, deduplicated once, and every later step works on frames
-    in memory: over the source's lazy plan, each of the ~20 small queries below would re-run
-    parsing and deduplication. Users and files are ranked to integers so the big sort is
-    over numbers, not strings.
+    The events are collected once and every later step works on that frame in memory
+    (over the source's lazy plan, each of the ~20 small queries below would re-run parsing):
+    history, training users and duplicates are boolean columns, not copies. Users are
+    ranked to integers, so the one sort is numpy's over numbers, not strings. Events with
+    equal times keep the order the source gives them (its files as listed, then rows).
     """
     schema = source.schema
     for t in cfg.targets:
@@ -149,32 +150,35 @@ def build(source: SourceData, cfg: DataConfig, seed: int, key: str, path: Path) 
         raise DataError("data.cutoff: future-window targets need data.cutoff, data.cutoff_quantile or data.cutoff_days_before_end")
 
     counts = dict(source.counts)
-    field_cols = [f.name for f in schema.fields]
     raw = source.events.collect()
     all_users = raw["user_id"].unique().sort()
-    raw = raw.with_columns(_user=rank_of(pl.col("user_id"), all_users), _file_rank=rank_of(pl.col("_file"), raw["_file"].unique().sort()))
-    events = drop_duplicate_events(raw, ["user_id", "time", *field_cols])
+    user = rank_of(raw["user_id"], all_users)
+    order = np.lexsort((raw["time"].dt.epoch("us").to_numpy(), user))  # stable: ties keep the source's event order
+    duplicate = duplicate_events(raw, order, user, ["user_id", "time", *(f.name for f in schema.fields)])
+    raw = raw.with_columns(_user=pl.Series(user), _kept=pl.Series(~duplicate))
     counts["raw_events"] = raw.height
-    counts["duplicate_events"] = raw.height - events.height
-    del raw
+    counts["duplicate_events"] = int(duplicate.sum())
 
-    cutoff = resolve_cutoff(events.lazy(), cfg)
-    history, future = events, None
+    events = raw.lazy().filter(pl.col("_kept"))
+    cutoff = resolve_cutoff(events, cfg)
+    future = None
+    in_history = ~duplicate
     if cutoff is not None:
-        history = events.filter(pl.col("time") < cutoff)
+        in_history = raw.select(pl.col("_kept") & (pl.col("time") < cutoff)).to_series().to_numpy()
         window_end = cutoff + dt.timedelta(days=cfg.window_days)
-        future = events.filter((pl.col("time") >= cutoff) & (pl.col("time") < window_end))
-        counts["events_after_cutoff"] = events.height - history.height
-    del events
+        future = events.filter((pl.col("time") >= cutoff) & (pl.col("time") < window_end)).collect()
+        counts["events_after_cutoff"] = int((~duplicate).sum() - in_history.sum())
 
-    ranks = history["_user"].unique().sort()
+    per_user = np.bincount(user[in_history], minlength=all_users.len())
+    ranks = np.flatnonzero(per_user)
     users = all_users.gather(ranks)  # sorted, like the ranks
     if users.len() == 0:
         raise DataError(f"{source.files[0]}: no events before the cutoff {cutoff}" if cutoff else f"{source.files[0]}: no events")
     val = is_val_user(users, seed, cfg.val_fraction)
     is_train = np.zeros(all_users.len(), dtype=bool)
-    is_train[ranks.to_numpy()] = ~val
-    train = history.lazy().filter(pl.lit(pl.Series(is_train)).gather(pl.col("_user")))
+    is_train[ranks] = ~val
+    raw = raw.with_columns(_history=pl.Series(in_history), _train=pl.Series(in_history & is_train[user]))
+    history, train = raw.lazy().filter(pl.col("_history")), raw.lazy().filter(pl.col("_train"))
 
     vocabs: dict[str, list[str]] = {}
     encoded = []
@@ -196,8 +200,8 @@ def build(source: SourceData, cfg: DataConfig, seed: int, key: str, path: Path) 
 
     codes = schema.of_kind("codes")
     for f in codes:
-        encoded.append(encode_codes(history.lazy(), f))
-    tops = history.select(pl.col("time").min().alias("t0"), *[pl.col(f.name).list.max().max().alias(f.name) for f in codes]).row(0, named=True)
+        encoded.append(encode_codes(history, f))
+    tops = history.select(pl.col("time").min().alias("t0"), *[pl.col(f.name).list.max().max().alias(f.name) for f in codes]).collect().row(0, named=True)
     for f in codes:
         top = tops[f.name]
         vocabs[f.name] = [str(c) for c in range(int(top) + 1)] if top is not None else []
@@ -207,10 +211,20 @@ def build(source: SourceData, cfg: DataConfig, seed: int, key: str, path: Path) 
     encoded += [(day + FIRST_ID).alias(f"tok_{DAY_FIELD}"), (day // 7 + FIRST_ID).alias(f"tok_{WEEK_FIELD}")]
     texts = [f.name for f in schema.of_kind("text")]
 
-    frame = last_events(history, cfg.max_len, ["user_id", pl.col("time").dt.epoch("s").alias("time"), *encoded, *[pl.col(t).alias(f"txt_{t}") for t in texts]])
-    counts["history_events"] = history.height
-    counts["truncated_events"] = history.height - int(frame["time"].list.len().sum())
-    del history, train
+    keep = last_events(order[in_history[order]], user, cfg.max_len)
+    columns = ["user_id", "time", "_user", *(f.name for f in schema.fields)]
+    frame = (
+        raw.select(columns)[keep]
+        .lazy()
+        .select(pl.col("_user").set_sorted(), "user_id", pl.col("time").dt.epoch("s").alias("time"), *encoded, *[pl.col(t).alias(f"txt_{t}") for t in texts])
+        .group_by("_user", maintain_order=True)
+        .agg(pl.col("user_id").first(), pl.exclude("_user", "user_id"))
+        .drop("_user")
+        .collect()
+    )
+    counts["history_events"] = int(in_history.sum())
+    counts["truncated_events"] = counts["history_events"] - keep.len()
+    del raw, events, history, train
 
     max_day = int(frame[f"tok_{DAY_FIELD}"].list.max().max()) - FIRST_ID
     vocab_sizes = {f.name: FIRST_ID + len(vocabs[f.name]) for f in schema.of_kind("categorical", "numeric", "codes")}
@@ -250,47 +264,38 @@ def build(source: SourceData, cfg: DataConfig, seed: int, key: str, path: Path) 
     write_atomic_dir(path, {"users.parquet": frame, "targets.parquet": targets.with_columns(is_val=pl.Series(val))}, meta)
 
 
-def drop_duplicate_events(events: pl.DataFrame, columns: list[str]) -> pl.DataFrame:
-    """Drop every event equal to an earlier one on all `columns`; keeps the first, in order.
+def rank_of(values: pl.Series, sorted_values: pl.Series) -> np.ndarray:
+    """Each value's position in `sorted_values` (which holds every value), as int32: sorting by it sorts by value."""
+    return values.replace_strict(sorted_values, pl.int_range(sorted_values.len(), eager=True), return_dtype=pl.Int32).to_numpy()
 
-    Only events that share user and time with another can be duplicates, so the full
-    comparison (list columns included, which is slow to hash) runs on those few only;
-    the user's integer rank `_user` stands in for the user id string there.
+
+def duplicate_events(events: pl.DataFrame, order: np.ndarray, user: np.ndarray, columns: list[str]) -> np.ndarray:
+    """Mask of events equal on all `columns` to an earlier event (the first one stays).
+
+    Only events sharing user and time with a neighbour in `order` (sorted by user, time)
+    can be duplicates, so the full comparison (list columns included, slow to hash) runs
+    on those few only.
     """
-    shared = events.select(pl.struct("_user", "time").is_duplicated()).to_series()
-    if not shared.any():
-        return events
-    candidates = events.with_row_index("_pos").filter(shared)
-    repeated = candidates.filter(~pl.struct(columns).is_first_distinct())["_pos"]
-    return events.with_row_index("_pos").filter(~pl.col("_pos").is_in(repeated.implode())).drop("_pos")
+    duplicate = np.zeros(events.height, dtype=bool)
+    u, t = user[order], events["time"].dt.epoch("us").to_numpy()[order]
+    same = (u[1:] == u[:-1]) & (t[1:] == t[:-1])
+    if not same.any():
+        return duplicate
+    shared = np.zeros(events.height, dtype=bool)
+    shared[1:] |= same
+    shared[:-1] |= same
+    candidates = np.sort(order[shared])  # in the source's order, so "first" means first in the files
+    first = events.select(columns)[candidates].select(pl.struct(columns).is_first_distinct()).to_series().to_numpy()
+    duplicate[candidates[~first]] = True
+    return duplicate
 
 
-def rank_of(column: pl.Expr, sorted_values: pl.Series) -> pl.Expr:
-    """Each value's position in `sorted_values` (which holds every value of the column), as Int32."""
-    return column.replace_strict(sorted_values, pl.int_range(sorted_values.len(), eager=True), return_dtype=pl.Int32)
-
-
-def last_events(history: pl.DataFrame, max_len: int, columns: list[pl.Expr | str]) -> pl.DataFrame:
-    """One row per user (sorted by user id) with list columns of their last `max_len` events in time order.
-
-    Ties in time keep file then row order. The sort runs over integer ranks; the selected
-    columns are computed only for the events that are kept.
-    """
-    keys = [history[c].to_numpy() for c in ("_row", "_file_rank")] + [history["time"].dt.epoch("us").to_numpy(), history["_user"].to_numpy()]
-    order = np.lexsort(keys)  # numpy's integer lexsort: ~4x polars' multi-column sort here
-    user = keys[-1][order]
-    n = np.bincount(user)  # users without history events count 0
-    pos = np.arange(order.size) - (np.cumsum(n) - n)[user]
-    keep = pl.Series(order[pos >= (n - max_len)[user]], dtype=pl.UInt32)
-    return (
-        history.drop("_row", "_file", "_file_rank")[keep]
-        .lazy()
-        .select("_user", *columns)
-        .group_by("_user", maintain_order=True)
-        .agg(pl.col("user_id").first(), pl.exclude("_user", "user_id"))
-        .drop("_user")
-        .collect()
-    )
+def last_events(order: np.ndarray, user: np.ndarray, max_len: int) -> pl.Series:
+    """Rows of each user's last `max_len` events, by user then time: `order` lists the rows to consider, sorted."""
+    ranked = user[order]
+    n = np.bincount(ranked)  # users without events count 0
+    pos = np.arange(order.size) - (np.cumsum(n) - n)[ranked]
+    return pl.Series(order[pos >= (n - max_len)[ranked]], dtype=pl.UInt32)
 
 
 def encode_codes(history: pl.LazyFrame, f: FieldSpec) -> pl.Expr:

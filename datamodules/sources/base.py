@@ -4,7 +4,7 @@ A source reads its own files and returns `SourceData`: one event LazyFrame with 
 columns `user_id` (String), `time` (Datetime), `_row` (1-based row in its file,
 for error messages), `_file`, and one column per schema field, named after the field.
 Column types by field kind: categorical and text String, numeric Float64 (null where
-missing), codes List(Int64) of the field's fixed length (null where the event has none).
+missing), codes a List of integers (recsys2025: Int16) of the field's fixed length (null where the event has none).
 """
 
 from __future__ import annotations
