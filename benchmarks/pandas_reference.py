@@ -3,8 +3,8 @@
 Same steps and same output as `datamodules.sources.recsys2025.load` + `datamodules.preprocess.build`
 (without targets): read and check the tables, join product properties, parse the code strings,
 drop exact duplicates, cut history 14 days before the end, choose val users by the seeded
-hash, fit vocabularies on training users, encode, day/week indexes, sort by (user, time, file,
-row), keep the last `max_len` events, one row per user with list columns (groupby + list).
+hash, fit vocabularies on training users, encode, day/week indexes, sort by (user, time; ties in
+the tables' order, then row), keep the last `max_len` events, one row per user with list columns (groupby + list).
 It exists only to be measured against; nothing else imports it.
 """
 
@@ -102,7 +102,7 @@ def prepare(folder: str | Path, out_file: str | Path, seed: int = 0, max_len: in
     out["tok_day"] = (day + FIRST_ID).astype("int32")
     out["tok_week"] = (day // 7 + FIRST_ID).astype("int32")
 
-    out = out.assign(_t=history["time"]).sort_values(["user_id", "_t", "_file", "_row"], kind="stable")
+    out = out.assign(_t=history["time"], _seq=history.index).sort_values(["user_id", "_t", "_seq"])  # _seq: position in the concatenated tables
     out = out[out.groupby("user_id").cumcount(ascending=False) < max_len]
     columns = ["time", *[f"tok_{f}" for f in CATEGORICAL], "cod_name", "cod_query", "tok_day", "tok_week"]
     frame = out.groupby("user_id", sort=True)[columns].agg(list).reset_index()

@@ -59,6 +59,16 @@ def test_order_ties_and_truncation(tmp_path):
     assert p.meta["counts"]["truncated_events"] == 2
 
 
+def test_ties_across_files_keep_the_source_order(tmp_path):
+    # the generic source reads a glob's files in sorted order: at equal times, a.csv's event comes first
+    write(tmp_path, [("u1", "2024-01-01 00:00:00", "buy", "from_b", 1.0, "x")], "b.csv")
+    write(tmp_path, [("u1", "2024-01-01 00:00:00", "buy", "from_a", 1.0, "x"), ("u1", "2024-01-02 00:00:00", "buy", "later_a", 1.0, "x")], "a.csv")
+    cfg = generic_config(tmp_path / "*.csv", None, tmp_path / "cache", val_fraction=0.0)
+    p = prepare(cfg)
+    inverse = {i + FIRST_ID: v for i, v in enumerate(p.vocabs["merchant"])}
+    assert [inverse[t] for t in p.store.tokens["merchant"]] == ["from_a", "from_b", "later_a"]
+
+
 def test_day_and_week_index(tmp_path):
     rows = [("u1", d, "buy", "a", 1.0, "x") for d in ["2024-01-01 10:00:00", "2024-01-02 09:00:00", "2024-01-09 12:00:00", "2024-01-20 00:00:00"]]
     cfg = generic_config(write(tmp_path, rows), None, tmp_path / "cache", val_fraction=0.0)
