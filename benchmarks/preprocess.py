@@ -121,7 +121,7 @@ def preprocess(scale: float, repeats: int, out_dir: Path) -> Report:
         target(f"peak RSS of {big['events']:,} events <= 24 GB", big["polars_peak_rss_mb"] / 1024, 24.0, higher_is_better=False),
     ]
     notes = [
-        "time: source load + checks + preprocessing + parquet write, imports excluded; peak RSS: VmHWM of the child process, imports included (<side>_import_rss_mb: after imports, before any work; the Polars side imports torch through datamodules)",
+        "time: source load + checks + preprocessing + parquet write, imports excluded; peak RSS: VmHWM of the child process, imports included (<side>_import_rss_mb: after imports, before any work)",
         f"raw_mb: the raw parquet tables as Polars holds them in memory; repeats: {repeats} at the smallest size, 1 above",
         f"sizes = {', '.join(f'{s:,}' for s in SIZES)} events x --scale {scale}",
         f"pandas runs up to {PANDAS_MAX_EVENTS:,} events only (its peak RSS grows ~1.7 GB per 1M events; the box is shared)",

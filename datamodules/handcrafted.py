@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from datamodules.schema import PAD
-from datamodules.sequences import SequenceStore
+from datamodules.store import SequenceStore
 
 SECONDS_PER_DAY = 86_400
 

@@ -27,7 +27,7 @@ import polars as pl
 
 from datamodules.config import DataConfig
 from datamodules.schema import DAY_FIELD, FIRST_ID, MISSING, RARE, WEEK_FIELD, EventSchema, FieldSpec
-from datamodules.sequences import SequenceStore
+from datamodules.store import SequenceStore
 from datamodules.sources import load_source, source_files
 from datamodules.sources.base import DataError, SourceData, fingerprint
 from datamodules.targets import FUTURE_KINDS, STATIC_KINDS, Target, future_labels, static_labels, stratified_split
