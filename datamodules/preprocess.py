@@ -284,9 +284,11 @@ def duplicate_events(events: pl.DataFrame, order: np.ndarray, user: np.ndarray, 
     shared = np.zeros(events.height, dtype=bool)
     shared[1:] |= same
     shared[:-1] |= same
-    candidates = np.sort(order[shared])  # in the source's order, so "first" means first in the files
-    first = events.select(columns)[candidates].select(pl.struct(columns).is_first_distinct()).to_series().to_numpy()
-    duplicate[candidates[~first]] = True
+    candidate = np.zeros(events.height, dtype=bool)
+    candidate[order[shared]] = True
+    # A mask filter keeps the source's order ("first" = first in the files) and, unlike a gather, does not copy every chunk.
+    first = events.select(columns).filter(pl.Series(candidate)).select(pl.struct(columns).is_first_distinct()).to_series().to_numpy()
+    duplicate[np.flatnonzero(candidate)[~first]] = True
     return duplicate
 
 

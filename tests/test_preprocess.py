@@ -97,6 +97,25 @@ def test_duplicates_dropped_and_counted(tmp_path):
     assert p.store.n_events == 1 and p.meta["counts"]["duplicate_events"] == 2
 
 
+def test_same_user_and_time_is_not_a_duplicate_unless_every_field_matches(tmp_path):
+    rows = [
+        ("u1", "2024-01-01 00:00:00", "buy", "a", 1.0, "x"),
+        ("u2", "2024-01-01 00:00:00", "buy", "a", 1.0, "x"),  # other user: kept
+        ("u1", "2024-01-01 00:00:00", "buy", "b", 1.0, "x"),  # other merchant: kept
+        ("u1", "2024-01-01 00:00:00", "buy", "a", 2.0, "x"),  # other amount: kept
+        ("u1", "2024-01-01 00:00:00", "buy", "b", 1.0, "x"),  # repeats the third row: dropped
+        ("u1", "2024-01-02 00:00:00", "buy", "a", 1.0, "x"),  # other time: kept
+    ]
+    cfg = generic_config(write(tmp_path, rows), None, tmp_path / "cache", val_fraction=0.0)
+    p = prepare(cfg)
+    assert p.meta["counts"]["duplicate_events"] == 1
+    inverse = {i + FIRST_ID: v for i, v in enumerate(p.vocabs["merchant"])}
+    u1 = p.store.user_ids.tolist().index("u1")
+    events = slice(p.store.offsets[u1], p.store.offsets[u1 + 1])
+    assert [inverse[t] for t in p.store.tokens["merchant"][events]] == ["a", "b", "a", "a"]
+    assert p.store.values["amount"][events].tolist() == [1.0, 1.0, 2.0, 1.0]
+
+
 def test_cache_reused_and_keyed_by_content(tmp_path, csv_data):
     events, labels = csv_data
     cfg = generic_config(events, labels, tmp_path / "cache")
