@@ -12,7 +12,7 @@ unidirectional GRU's state there cannot depend on later pad steps; decoder state
 pad steps are never scored). "auto" takes packed on CUDA (cuDNN) and trimmed elsewhere:
 on CPU, autograd through a packed GRU slices the packed data once per step and each
 slice's backward zero-fills and adds a full-size gradient, which made a training epoch
-1.8x slower than the trimmed path on the same length-bucketed batches
+1.5-1.8x slower than the trimmed path on the same length-bucketed batches
 (docs/benchmarks.md). Summed field embeddings are one `embedding_bag` over a
 concatenated table instead of a stack of per-field lookups (forward 13x faster on CPU in a trial).
 """
