@@ -2,9 +2,19 @@
 
 An encoder GRU reads a user's events; its last layer's final hidden state is the user
 vector. A decoder GRU, started from that vector and fed it at every step, reconstructs
-the events field by field with teacher forcing. Unlike the reference code, both GRUs
-run on packed sequences, so a user's vector never sees pad steps and does not depend
-on the batch it was computed in.
+the events field by field with teacher forcing. Unlike the reference code, a user's
+vector never sees pad steps and does not depend on the batch it was computed in.
+
+Two GRU paths compute the same numbers (`gru_path`): "packed" runs both GRUs on packed
+sequences; "trimmed" cuts the batch to its longest user, runs the GRUs over the
+remaining right padding and reads each user's state at its last real step (a
+unidirectional GRU's state there cannot depend on later pad steps; decoder states at
+pad steps are never scored). "auto" takes packed on CUDA (cuDNN) and trimmed elsewhere:
+on CPU, autograd through a packed GRU slices the packed data once per step and each
+slice's backward zero-fills and adds a full-size gradient, which made a training epoch
+1.5-1.8x slower than the trimmed path on the same length-bucketed batches
+(docs/benchmarks.md). Summed field embeddings are one `embedding_bag` over a
+concatenated table instead of a stack of per-field lookups (forward 13x faster on CPU in a trial).
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ from datamodules.schema import EOS, MISSING, PAD, SOS
 from lit_modules.losses import log_loss_parts
 
 COMBINE_MODES = ("sum", "concat")
+GRU_PATHS = ("auto", "packed", "trimmed")
 
 
 class GRUAutoencoder(L.LightningModule):
@@ -59,11 +70,34 @@ class GRUAutoencoder(L.LightningModule):
         self.encoder = nn.GRU(event_dim, hidden, num_layers=layers, dropout=gru_dropout, batch_first=True)
         self.decoder = nn.GRU(event_dim + hidden, hidden, num_layers=layers, dropout=gru_dropout, batch_first=True)
         self.heads = nn.ModuleList(nn.Linear(hidden, vocab_sizes[f]) for f in fields)
+        # Where each field's rows start in the concatenated table of `_events`; not saved
+        # (derived from the vocab sizes), so checkpoints keep their keys.
+        starts = torch.tensor([0] + [vocab_sizes[f] for f in fields[:-1]]).cumsum(0)
+        self.register_buffer("field_starts", starts, persistent=False)
+        # Not a hyperparameter: every path computes the same losses and vectors.
+        self.gru_path = "auto"
 
     def _events(self, tokens: list[torch.Tensor]) -> torch.Tensor:
-        """Per-field ids [B, T] (in `fields` order) -> event vectors [B, T, event_dim]."""
-        embs = [emb(t) for emb, t in zip(self.embeddings, tokens)]
-        return torch.cat(embs, dim=-1) if self.combine == "concat" else torch.stack(embs).sum(0)
+        """Per-field ids [B, T] (in `fields` order) -> event vectors [B, T, event_dim].
+
+        "sum" is one embedding_bag over the fields' tables concatenated: PAD of every field
+        maps to row 0 of the first table, the bag's padding_idx, so pads add zero and get
+        no gradient, exactly like each nn.Embedding's padding_idx row.
+        """
+        if self.combine == "concat":
+            return torch.cat([emb(t) for emb, t in zip(self.embeddings, tokens)], dim=-1)
+        weight = torch.cat([emb.weight for emb in self.embeddings]) if len(self.embeddings) > 1 else self.embeddings[0].weight
+        ids = torch.stack(tokens, dim=-1)
+        ids = torch.where(ids == PAD, 0, ids + self.field_starts[: len(tokens)])
+        return F.embedding_bag(ids.reshape(-1, ids.shape[-1]), weight, mode="sum", padding_idx=0).view(*ids.shape[:-1], -1)
+
+    def _packed(self) -> bool:
+        """Which GRU path to take (see the module docstring)."""
+        if self.gru_path not in GRU_PATHS:
+            raise ValueError(f"gru_path must be one of {GRU_PATHS}, got {self.gru_path!r}")
+        if self.gru_path == "auto":
+            return self.field_starts.device.type == "cuda"
+        return self.gru_path == "packed"
 
     def _view(self, batch: dict) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The sequence this model reads: per-field ids [B, T] and lengths.
@@ -77,16 +111,28 @@ class GRUAutoencoder(L.LightningModule):
             return [tokens], lengths
         return [batch["tokens"][f] for f in self.fields], batch["lengths"]
 
+    def _trimmed_view(self, batch: dict) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """`_view` cut to the batch's longest user: steps after it are pads for everyone."""
+        tokens, lengths = self._view(batch)
+        longest = int(lengths.max())
+        return [t[:, :longest] for t in tokens], lengths
+
+    def _encode(self, tokens: list[torch.Tensor], lengths: torch.Tensor) -> torch.Tensor:
+        """The encoder's last-layer state at each user's last real step [B, hidden]."""
+        x = self._events(tokens)
+        if self._packed():
+            packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+            _, h_n = self.encoder(packed)  # [layers, B, hidden], already back in batch order
+            return h_n[-1]
+        out, _ = self.encoder(x)
+        return out[torch.arange(len(lengths), device=out.device), lengths.to(out.device) - 1]
+
     def embed(self, batch: dict) -> torch.Tensor:
         """User vectors [B, hidden] float32 in batch order; independent of padding and batch mates.
 
         Call in eval mode: in train mode, inter-layer dropout makes them random.
         """
-        tokens, lengths = self._view(batch)
-        x = self._events(tokens)
-        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        _, h_n = self.encoder(packed)  # [layers, B, hidden], already back in batch order
-        return h_n[-1].float()
+        return self._encode(*self._trimmed_view(batch)).float()
 
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
         """Reconstruction cross-entropy per field, each averaged over real target positions.
@@ -94,8 +140,8 @@ class GRUAutoencoder(L.LightningModule):
         Decoder step t reads event t-1 (SOS at t=0) and predicts event t; the target after
         the last event is EOS, so a user of n events gives n+1 positions.
         """
-        tokens, lengths = self._view(batch)
-        z = self.embed(batch)
+        tokens, lengths = self._trimmed_view(batch)
+        z = self._encode(tokens, lengths).float()
         B, T = tokens[0].shape
         dec_lengths = lengths + 1
 
@@ -105,9 +151,12 @@ class GRUAutoencoder(L.LightningModule):
         # Every decoder layer starts from the user vector (not the encoder's lower layers'
         # states), so all the decoder knows about the user passes through the exported vector.
         h_0 = z[None].expand(self.hparams.layers, B, z.shape[-1]).contiguous()
-        packed = pack_padded_sequence(x, dec_lengths.cpu(), batch_first=True, enforce_sorted=False)
-        out, _ = self.decoder(packed, h_0)
-        out, _ = pad_packed_sequence(out, batch_first=True, total_length=T + 1)
+        if self._packed():
+            packed = pack_padded_sequence(x, dec_lengths.cpu(), batch_first=True, enforce_sorted=False)
+            out, _ = self.decoder(packed, h_0)
+            out, _ = pad_packed_sequence(out, batch_first=True, total_length=T + 1)
+        else:
+            out, _ = self.decoder(x, h_0)  # states at pad steps are computed and never scored
 
         # Only real positions reach the heads: pads are neither scored nor paid for.
         real = torch.arange(T + 1, device=out.device)[None, :] < dec_lengths[:, None].to(out.device)

@@ -52,20 +52,22 @@ def test_output_comparison_catches_one_changed_token(cache: Path, tmp_path: Path
         same_users(tmp_path / "a" / "users.parquet", tmp_path / "changed.parquet")
 
 
-def test_padded_reference_loss_equals_packed_loss() -> None:
+@pytest.mark.parametrize("gru_path", ["packed", "trimmed"])
+def test_padded_reference_loss_equals_model_loss(gru_path: str) -> None:
     from benchmarks.scaling import VOCAB, batch_of
-    from benchmarks.training import padded_losses
+    from benchmarks.training import model_losses, padded_losses
 
     torch.manual_seed(0)
     model = ENCODERS["gru_autoencoder"](VOCAB, 16).eval()
     batch = batch_of(12, 6)
-    batch["lengths"] = torch.tensor([12, 3, 7, 1, 12, 5])
+    batch["lengths"] = torch.tensor([9, 3, 7, 1, 9, 5])  # 3 pad columns beyond the longest user
     for f, t in batch["tokens"].items():
         t[torch.arange(12)[None, :] >= batch["lengths"][:, None]] = 0
     with torch.no_grad():
-        packed, padded = model.losses(batch), padded_losses(model, batch)
-    for f in packed:
-        assert packed[f].item() == pytest.approx(padded[f].item(), rel=1e-5)
+        ours, padded = model_losses(gru_path)(model, batch), padded_losses(model, batch)
+    assert model.gru_path == gru_path
+    for f in ours:
+        assert ours[f].item() == pytest.approx(padded[f].item(), rel=1e-5)
 
 
 def test_naive_loader_builds_the_same_batch(cache: Path) -> None:
@@ -94,6 +96,9 @@ def test_run_writes_results_and_plots(cache: Path, tmp_path: Path) -> None:
     assert [r["events"] for r in pre] == sorted(r["events"] for r in pre) and all(r["polars_peak_rss_mb"] > 0 for r in pre)
     inference = json.loads((tmp_path / "inference.json").read_text())["rows"]
     assert {r["encoder"] for r in inference} == set(ENCODERS)
+    assert {r["threads"] for r in inference} >= {1} and all(0 < r["collate_share"] < 1 for r in inference)
+    training = json.loads((tmp_path / "training.json").read_text())
+    assert len({r["side"] for r in training["rows"]}) == 3 and any("same loss" in n for n in training["notes"])
     for png in ("preprocess_scaling.png", "scaling_sequence_length.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
 

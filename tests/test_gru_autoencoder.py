@@ -186,3 +186,53 @@ def test_codes_field_model_trains_and_is_pad_invariant():
     padded = dict(batch, codes={"name": torch.nn.functional.pad(codes, (0, 0, 0, 4))})
     assert torch.allclose(model.embed(batch), model.embed(padded), atol=1e-5)
     assert torch.isfinite(torch.stack(list(model.losses(batch).values()))).all()
+
+
+@pytest.mark.parametrize("combine", ["sum", "concat"])
+def test_trimmed_path_equals_packed_path(collate: Collator, combine: str) -> None:
+    """The CPU default (trimmed padding, state read at the last real step) computes what the packed GRUs compute:
+    losses, gradients and vectors, on a batch with extra pad columns so the trim has something to cut."""
+    batch = with_pad_columns(collate([7, 0, 22, 29, 3]))
+    results = {}
+    for path in ("packed", "trimmed"):
+        model = make_model(combine=combine)  # same seed, same weights; dropout 0 so train mode is deterministic
+        model.gru_path = path
+        losses = model.losses(batch)
+        torch.stack(list(losses.values())).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        with torch.no_grad():
+            results[path] = (losses, grads, model.eval().embed(batch))
+    (lp, gp, zp), (lt, gt, zt) = results["packed"], results["trimmed"]
+    for f in FIELDS:
+        torch.testing.assert_close(lt[f], lp[f], atol=1e-6, rtol=1e-6)
+    assert gp.keys() == gt.keys()
+    for name in gp:
+        torch.testing.assert_close(gt[name], gp[name], atol=1e-6, rtol=1e-5, msg=name)
+    torch.testing.assert_close(zt, zp, atol=1e-6, rtol=1e-6)
+    assert (zp[0] - zp[1]).abs().max() > 1e-3
+
+
+def test_summed_embeddings_equal_per_field_lookups(collate: Collator) -> None:
+    """The one-bag sum equals the per-field nn.Embedding sum, and pad rows still get no gradient."""
+    model = make_model()
+    batch = with_pad_columns(collate([7, 0, 22]))
+    tokens = [batch["tokens"][f] for f in FIELDS]
+    assert any((t == 0).any() for t in tokens)
+    bag = model._events(tokens)
+    plain = sum(emb(t) for emb, t in zip(model.embeddings, tokens))
+    torch.testing.assert_close(bag, plain, atol=1e-6, rtol=1e-6)
+    weights = torch.randn_like(bag)
+    (bag * weights).sum().backward()
+    bag_grads = [emb.weight.grad.clone() for emb in model.embeddings]
+    model.zero_grad()
+    (plain * weights).sum().backward()
+    for got, want in zip(bag_grads, (emb.weight.grad for emb in model.embeddings)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert got[0].abs().max() == 0
+
+
+def test_unknown_gru_path_raises(collate: Collator) -> None:
+    model = make_model()
+    model.gru_path = "cudnn"
+    with pytest.raises(ValueError, match="gru_path"):
+        model.embed(collate([1]))
