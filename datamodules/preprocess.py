@@ -153,8 +153,9 @@ def build(source: SourceData, cfg: DataConfig, seed: int, key: str, path: Path) 
     raw = source.events.collect()
     all_users = raw["user_id"].unique().sort()
     user = rank_of(raw["user_id"], all_users)
-    order = np.lexsort((raw["time"].dt.epoch("us").to_numpy(), user))  # stable: ties keep the source's event order
-    duplicate = duplicate_events(raw, order, user, ["user_id", "time", *(f.name for f in schema.fields)])
+    time_us = raw["time"].dt.epoch("us").to_numpy()
+    order = np.lexsort((time_us, user))  # stable: ties keep the source's event order
+    duplicate = duplicate_events(raw, order, user[order], time_us[order], ["user_id", "time", *(f.name for f in schema.fields)])
     raw = raw.with_columns(_user=pl.Series(user), _kept=pl.Series(~duplicate))
     counts["raw_events"] = raw.height
     counts["duplicate_events"] = int(duplicate.sum())
@@ -269,16 +270,15 @@ def rank_of(values: pl.Series, sorted_values: pl.Series) -> np.ndarray:
     return values.replace_strict(sorted_values, pl.int_range(sorted_values.len(), eager=True), return_dtype=pl.Int32).to_numpy()
 
 
-def duplicate_events(events: pl.DataFrame, order: np.ndarray, user: np.ndarray, columns: list[str]) -> np.ndarray:
+def duplicate_events(events: pl.DataFrame, order: np.ndarray, user: np.ndarray, time: np.ndarray, columns: list[str]) -> np.ndarray:
     """Mask of events equal on all `columns` to an earlier event (the first one stays).
 
-    Only events sharing user and time with a neighbour in `order` (sorted by user, time)
-    can be duplicates, so the full comparison (list columns included, slow to hash) runs
-    on those few only.
+    `order` sorts the events by user and time; `user` and `time` are in that order. Only
+    neighbours there with equal user and time can be duplicates, so the full comparison
+    (list columns included, slow to hash) runs on those few only.
     """
     duplicate = np.zeros(events.height, dtype=bool)
-    u, t = user[order], events["time"].dt.epoch("us").to_numpy()[order]
-    same = (u[1:] == u[:-1]) & (t[1:] == t[:-1])
+    same = (user[1:] == user[:-1]) & (time[1:] == time[:-1])
     if not same.any():
         return duplicate
     shared = np.zeros(events.height, dtype=bool)
