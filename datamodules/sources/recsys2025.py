@@ -89,7 +89,7 @@ def parse_codes(frame: pl.LazyFrame, column: str, path: Path) -> pl.LazyFrame:
     Vectorised: strip the brackets, split on single spaces (the challenge's format), cast each
     piece; the few strings that do not parse that way (commas, runs of blanks) are parsed
     again with the general separator. A piece that is not an integer becomes null, which the
-    check below reports with the raw value. Int16: a tenth of the memory of Int64 once the
+    check below reports with the raw value. Int16: a quarter of the memory of Int64 once the
     names are joined into every product event.
     """
     dtype = frame.collect_schema()[column]
