@@ -15,6 +15,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.strategies import Strategy
 
 from callbacks.metrics import ks_statistic, macro_ovr, roc_auc
+from callbacks.wandb_report import log_metrics
 from datamodules.targets import EVAL, FIT, Target
 
 CV_GRID = [1e-3, 1e-2, 1e-1, 1.0, 10.0]  # C candidates when the probe picks C itself
@@ -214,4 +215,4 @@ class LinearProbe(L.Callback):
         self.embeddings = embeddings
         self.results = probe_embeddings(self.embeddings, self.targets, C=self.C, seed=self.seed, max_iter=self.max_iter)
         for logger in trainer.loggers:
-            logger.log_metrics(self.results, step=trainer.global_step)
+            log_metrics(logger, self.results, trainer.global_step)

@@ -18,25 +18,33 @@ import numpy as np
 from datamodules.targets import Target
 
 STEP = "trainer/global_step"  # the x axis Lightning's WandbLogger logs with every metric
-PROBE_GLOB = "probe/*"
+PROBE_PREFIX = "probe/"
 MAX_POINTS = 5000  # users drawn in the projection; more only blurs the picture
 
 
 def start_run(**init: Any) -> Any:
-    """wandb.init(**init), then the metric definitions, in the order wandb-core needs.
-
-    wandb-core applies the first defined glob that matches a key. Lightning's WandbLogger
-    defines "*" (its step axis) as soon as it creates a run, which would shadow a later
-    "probe/*" and leave probe summaries at their last value. So the run is made here with
-    "probe/*" (summary max) first, and handed to WandbLogger(experiment=run).
-    """
+    """wandb.init(**init) with Lightning's step axis defined, handed to WandbLogger(experiment=run)."""
     import wandb
 
     run = wandb.init(**init)
     run.define_metric(STEP)
-    run.define_metric(PROBE_GLOB, step_metric=STEP, step_sync=True, summary="max")
     run.define_metric("*", step_metric=STEP, step_sync=True)
     return run
+
+
+def log_metrics(logger: Any, metrics: dict[str, float], step: int) -> None:
+    """logger.log_metrics(metrics, step), defining each probe/* key by its exact name on a W&B run first.
+
+    The probe summary is the maximum over the run. A "probe/*" glob cannot promise that:
+    wandb-core (0.31) picks among the globs matching a key in Go map order, i.e. at random, so
+    "probe/*" lost to Lightning's "*" in about a third of the runs and the summary kept the last
+    value. An exactly named metric always takes precedence over globs.
+    """
+    if type(logger).__name__ == "WandbLogger":
+        for key in metrics:
+            if key.startswith(PROBE_PREFIX):
+                logger.experiment.define_metric(key, step_metric=STEP, step_sync=True, summary="max")
+    logger.log_metrics(metrics, step=step)
 
 
 def summary_dict(run: Any) -> dict[str, Any]:

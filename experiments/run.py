@@ -268,13 +268,13 @@ def run(cfg: DictConfig, command: str | None = None, extra_callbacks: list | Non
             metrics.update({f"{name}/{k}": v for k, v in row.items()})
     metrics.update({f"data/{k}": v for k, v in prepared.meta["counts"].items()})
 
+    from callbacks.wandb_report import log_metrics, log_report, summary_dict
+
     summary = {}
     for lg in loggers:  # training has ended: the evaluation is logged after it, then flushed
-        lg.log_metrics({k: v for k, v in metrics.items() if k.split("/")[0] in EVAL_GROUPS}, step=step)
+        log_metrics(lg, {k: v for k, v in metrics.items() if k.split("/")[0] in EVAL_GROUPS}, step)
         lg.save()
         if type(lg).__name__ == "WandbLogger":
-            from callbacks.wandb_report import log_report, summary_dict
-
             log_report(lg.experiment, rows, scores, embeddings, prepared.targets, cfg.model.name, run_dir / "plots", step)
             summary = summary_dict(lg.experiment)
             lg.experiment.finish()
