@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from datamodules.atomic import atomic_write
+
 RESULTS = Path(__file__).parent / "results"
 DATA_CACHE = Path(".cache/benchmarks")
 EVENTS_PER_CLIENT = 88  # mean events per client of the recsys2025 generator with its defaults
@@ -96,9 +98,7 @@ def write_result(name: str, payload: dict[str, Any], out_dir: Path = RESULTS) ->
     """benchmarks/results/<name>.json, written to a temporary name and renamed."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n"))
     return path
 
 

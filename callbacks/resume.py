@@ -12,12 +12,15 @@ is stored as plain lists and tensors, so the checkpoint loads with `weights_only
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as L
 import numpy as np
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from datamodules.atomic import atomic_write
 
 
 def capture_rng() -> dict[str, Any]:
@@ -91,10 +94,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        from pathlib import Path
-
-        from experiments.run import atomic_write
-
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))

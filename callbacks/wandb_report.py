@@ -8,13 +8,13 @@ are also written to `<run>/plots/`. docs/wandb.md says which panels to build fro
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from datamodules.atomic import atomic_write
 from datamodules.targets import Target
 
 STEP = "trainer/global_step"  # the x axis Lightning's WandbLogger logs with every metric
@@ -64,13 +64,8 @@ def evaluation_rows(rows: dict[str, dict[str, float]]) -> list[list]:
 
 
 def _save(fig: Any, path: Path) -> Path:
-    """Write a figure under a temporary name and rename it: no half-written PNG is ever left."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write a figure as PNG, atomically: no half-written image is ever left."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     return path
 
 

@@ -22,7 +22,6 @@ import html
 import importlib.util
 import json
 import logging
-import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ import polars as pl
 import torch
 import yaml
 
+from datamodules.atomic import atomic_write
 from datamodules.preprocess import Prepared
 from datamodules.schema import FIRST_ID, MISSING, RARE
 
@@ -409,14 +409,9 @@ def read_rewrite_cache(path: Path) -> dict[str, str]:
 
 
 def _write_cache(path: Path, done: dict[str, str]) -> None:
-    """Whole file to a temporary sibling, then rename: a reader never sees a torn cache."""
+    """Whole file or none: a reader never sees a torn cache."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        pl.DataFrame({"key": list(done), "text": list(done.values())}, schema=REWRITE_CACHE_SCHEMA).write_parquet(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, pl.DataFrame({"key": list(done), "text": list(done.values())}, schema=REWRITE_CACHE_SCHEMA).write_parquet)
 
 
 # -------------------------------------------------------------------- datasets and batches

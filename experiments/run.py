@@ -18,6 +18,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from datamodules.atomic import atomic_write
 from experiments.config import ConfigError, DataConfig, compose, help_text, to_dataclass
 from experiments.rundirs import RUN_DIR_ENV, launched_as_rank_zero, resume_dir
 
@@ -31,16 +32,6 @@ class RunResult:
     metrics: dict[str, float]  # what metrics.json holds
     rows: dict[str, dict[str, float]]  # table row name -> probe metrics
     wandb_summary: dict = field(default_factory=dict)  # read from the W&B run before it finished
-
-
-def atomic_write(path: Path, write) -> None:
-    """write(tmp_path) then rename: a reader sees the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def make_run_dir(cfg: DictConfig) -> Path:

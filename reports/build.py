@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from experiments.rundirs import latest_run
-from experiments.run import atomic_write
+from datamodules.atomic import atomic_write
 
 REPORT_DIR = Path(__file__).parent
 

@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from experiments.run import atomic_write
+from datamodules.atomic import atomic_write
 from sweeps.spec import SweepSpec
 from sweeps.storage import retried_numbers
 

@@ -65,7 +65,8 @@ from pathlib import Path
 import numpy as np, polars as pl, torch
 from callbacks.resume import AtomicCheckpointIO
 from datamodules.preprocess import VERSION, write_atomic_dir
-from experiments.run import atomic_write, write_embeddings
+from datamodules.atomic import atomic_write
+from experiments.run import write_embeddings
 N, i = {N}, 0
 target = {{k: Path(v) for k, v in { {k: str(v) for k, v in targets.items()}!r}.items()}}
 while True:
