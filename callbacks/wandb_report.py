@@ -17,19 +17,9 @@ import numpy as np
 from datamodules.atomic import atomic_write
 from datamodules.targets import Target
 
-STEP = "trainer/global_step"  # the x axis Lightning's WandbLogger logs with every metric
+STEP = "trainer/global_step"  # the x axis Lightning's WandbLogger defines for every metric ("*")
 PROBE_PREFIX = "probe/"
 MAX_POINTS = 5000  # users drawn in the projection; more only blurs the picture
-
-
-def start_run(**init: Any) -> Any:
-    """wandb.init(**init) with Lightning's step axis defined, handed to WandbLogger(experiment=run)."""
-    import wandb
-
-    run = wandb.init(**init)
-    run.define_metric(STEP)
-    run.define_metric("*", step_metric=STEP, step_sync=True)
-    return run
 
 
 def log_metrics(logger: Any, metrics: dict[str, float], step: int) -> None:

@@ -46,26 +46,24 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
 
     loggers = []
     if cfg.logger.wandb:
-        from callbacks.wandb_report import start_run
-
         os.environ.setdefault("WANDB_MODE", "offline")
-        offline = os.environ["WANDB_MODE"] == "offline"
-        experiment = start_run(
-            project=cfg.logger.project,
-            entity=cfg.logger.entity,
-            group=cfg.logger.group,
-            tags=list(cfg.logger.tags) or None,
-            name=run_dir.name,
-            dir=str(run_dir),
-            mode="offline" if offline else None,
-            config={
-                "method": cfg.model.name,
-                "dataset": cfg.data.source,
-                "experiment": cfg.experiment,
-                **OmegaConf.to_container(cfg),
-            },
+        loggers.append(
+            WandbLogger(
+                project=cfg.logger.project,
+                entity=cfg.logger.entity,
+                group=cfg.logger.group,
+                tags=list(cfg.logger.tags) or None,
+                name=run_dir.name,
+                save_dir=str(run_dir),
+                offline=os.environ["WANDB_MODE"] == "offline",
+                config={
+                    "method": cfg.model.name,
+                    "dataset": cfg.data.source,
+                    "experiment": cfg.experiment,
+                    **OmegaConf.to_container(cfg),
+                },
+            )
         )
-        loggers.append(WandbLogger(experiment=experiment, project=cfg.logger.project, name=run_dir.name, save_dir=str(run_dir), offline=offline))
     if cfg.logger.csv:
         loggers.append(CSVLogger(save_dir=str(run_dir), name="", version="csv"))
     return loggers
