@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from datamodules.config import DataConfig
-from lit_modules.registry import MODELS
+from lit_modules.registry import METHODS
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 GROUPS = ("data", "model", "trainer")
@@ -188,7 +188,9 @@ def parse_args(args: list[str]) -> tuple[str | None, dict[str, str], list[str]]:
 
 
 def field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    """Type hints of the dataclass's fields (class attributes such as a method's `inputs` are not keys)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
 def dataclass_of(tp: Any) -> type | None:
@@ -254,20 +256,25 @@ def compose(args: list[str]) -> DictConfig:
     model = merged.pop("model", None) or {}
     check_keys(merged, RunConfig, "")
     model_name = model.get("name")
-    if model_name not in MODELS:
-        near = difflib.get_close_matches(str(model_name), list(MODELS), n=1)
+    if model_name not in METHODS:
+        near = difflib.get_close_matches(str(model_name), list(METHODS), n=1)
         hint = f"; did you mean {near[0]!r}?" if near else ""
-        raise ConfigError(f"model.name: {model_name!r} is not a registered method {sorted(MODELS)}{hint}")
-    check_keys(model, MODELS[model_name].config, "model.")
+        raise ConfigError(f"model.name: {model_name!r} is not a registered method {sorted(METHODS)}{hint}")
+    method_config = METHODS[model_name].config
+    check_keys(model, method_config, "model.")
     missing = missing_keys({**merged, "model": model})
     if missing:
         raise ConfigError(f"required config key {missing[0]!r} has no value; set it with {missing[0]}=...")
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), merged)
-        cfg.model = OmegaConf.merge(OmegaConf.structured(MODELS[model_name].config), model)
+        cfg.model = OmegaConf.merge(OmegaConf.structured(method_config), model)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
         raise ConfigError((f"{key}: " if key else "") + str(err).splitlines()[0]) from None
+    try:  # the method's own checks (its config's __post_init__)
+        OmegaConf.to_object(cfg.model)
+    except ValueError as err:
+        raise ConfigError(f"model ({model_name}): {err}") from None
     if cfg.trainer.on_nonfinite not in NONFINITE_MODES:
         raise ConfigError(f"trainer.on_nonfinite: {cfg.trainer.on_nonfinite!r}; choose from {NONFINITE_MODES}")
     OmegaConf.set_readonly(cfg, True)
@@ -336,6 +343,6 @@ def help_text() -> str:
         "keys (default, meaning):",
         *describe(RunConfig),
     ]
-    for name, entry in MODELS.items():
-        out += ["", f"model keys of {name}:", *describe(entry.config, "model.")]
+    for name, method in METHODS.items():
+        out += ["", f"model keys of {name}:", *describe(method.config, "model.")]
     return "\n".join(out)

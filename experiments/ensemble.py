@@ -8,12 +8,44 @@ quantile transform to uniform. Blocks are concatenated in config order.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import polars as pl
 
 from experiments.rundirs import latest_run
+
+
+@dataclass
+class EnsembleBlock:
+    """One block of an ensemble: a finished run's embeddings."""
+
+    run: str | None = None
+    """Run directory holding embeddings.parquet."""
+    experiment: str | None = None
+    """Or: the newest finished run of this experiment under output_dir."""
+    pca: int | None = None
+    """Reduce the block to this many principal components (null: keep it whole)."""
+    normalize: bool = True
+    """L2-normalise each user's block vector."""
+
+
+@dataclass
+class EnsembleConfig:
+    """"Encode Me If You Can" ensemble: PCA-reduced, L2-normalised blocks + quantile-mapped handcrafted features."""
+
+    inputs: ClassVar[str] = "runs"  # finished runs' embeddings: nothing to train
+
+    name: str = "ensemble"
+    """Method name (registry key)."""
+    blocks: list[EnsembleBlock] = field(default_factory=list)
+    """The blocks, each a finished run on the same data."""
+    handcrafted: bool = True
+    """Append handcrafted features mapped to uniform by a quantile transform."""
+    output_dir: str = "outputs"
+    """Where blocks named by experiment are looked up."""
 
 
 def resolve_run(block: dict, output_dir: str) -> Path:

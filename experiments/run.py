@@ -206,7 +206,7 @@ def run(cfg: DictConfig, command: str | None = None, extra_callbacks: list | Non
     from safetensors.torch import save_model
 
     from datamodules.datamodule import EventDataModule
-    from lit_modules.registry import MODELS, build_datamodule, build_module
+    from experiments.build import build_datamodule, build_module
 
     resumed = resume_dir(cfg)  # checked before any work: resume=true or a run directory
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -214,15 +214,16 @@ def run(cfg: DictConfig, command: str | None = None, extra_callbacks: list | Non
     prepared = datamodule.data  # bad data fails here, before a run directory exists
     if cfg.export_submission and cfg.data.source != "recsys2025":
         raise ConfigError(f"export_submission: the challenge's submission needs data.source=recsys2025, not {cfg.data.source!r}")
+    method = OmegaConf.to_object(cfg.model)
     module, embeddings = None, None
     try:
-        if MODELS[cfg.model.name].target is None:
+        if method.inputs == "runs":
             from experiments.ensemble import ensemble_embeddings
 
             embeddings = ensemble_embeddings(OmegaConf.to_container(cfg.model), prepared, cutoff_epoch(prepared), cfg.seed)
         else:
-            module = build_module(OmegaConf.to_container(cfg.model), prepared)
-            datamodule = build_datamodule(OmegaConf.to_container(cfg.model), datamodule)
+            module = build_module(method, prepared)
+            datamodule = build_datamodule(method, datamodule)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err)) from None
 

@@ -25,10 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from datamodules.fields import with_time
 from datamodules.schema import EOS, MISSING, PAD, SOS
-from lit_modules.losses import log_loss_parts
+from lit_modules.contract import log_losses
+from lit_modules.gru_autoencoder_config import check_gru_autoencoder
 
-COMBINE_MODES = ("sum", "concat")
 GRU_PATHS = ("auto", "packed", "trimmed")
 
 
@@ -36,13 +37,16 @@ class GRUAutoencoder(L.LightningModule):
     """Per-field embeddings -> encoder GRU -> user vector -> decoder GRU -> per-field heads.
 
     Batches follow `datamodules.sequences` (tokens right-padded with PAD, real `lengths`);
-    token fields not in `fields` and `values` are ignored.
+    token fields not in `fields` and `values` are ignored. Arguments: the keys of
+    `GRUAutoencoderConfig` (docs there) plus `vocab_sizes`; `fields` are resolved event
+    fields, and the `time` index field (day or week) is read in front of them.
     """
 
     def __init__(
         self,
         vocab_sizes: dict[str, int],
         fields: list[str],
+        time: str = "none",
         emb_dim: int = 64,
         hidden: int = 128,
         layers: int = 2,
@@ -57,8 +61,10 @@ class GRUAutoencoder(L.LightningModule):
         # checkpoint loads with weights_only=True.
         vocab_sizes = {str(f): int(n) for f, n in vocab_sizes.items()}
         fields = [str(f) for f in fields]
-        _check_args(vocab_sizes, fields, combine)
+        check_gru_autoencoder(combine, time)
         self.save_hyperparameters()
+        fields = with_time(fields, time)
+        _check_fields(vocab_sizes, fields)
         self.fields = fields
         self.combine = combine
 
@@ -171,7 +177,7 @@ class GRUAutoencoder(L.LightningModule):
         return losses
 
     def _step(self, batch: dict, stage: str) -> torch.Tensor:
-        return log_loss_parts(self, self.losses(batch), stage, len(batch["index"]))
+        return log_losses(self, self.losses(batch), stage, len(batch["index"]))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")
@@ -186,9 +192,7 @@ class GRUAutoencoder(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
 
-def _check_args(vocab_sizes: dict[str, int], fields: list[str], combine: str) -> None:
-    if combine not in COMBINE_MODES:
-        raise ValueError(f"combine must be one of {COMBINE_MODES}, got {combine!r}")
+def _check_fields(vocab_sizes: dict[str, int], fields: list[str]) -> None:
     if not fields:
         raise ValueError("fields must name at least one token field")
     if len(set(fields)) != len(fields):

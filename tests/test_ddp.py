@@ -65,7 +65,7 @@ def test_ddp_two_ranks_evaluate_like_one_process(ml100k_cache, tmp_path):
     from datamodules.datamodule import EventDataModule
     from experiments.config import compose, to_dataclass
     from experiments.run import evaluate
-    from lit_modules.registry import build_module
+    from experiments.build import build_module
 
     out = tmp_path / "out"
     args = [f"data.cache_dir={ml100k_cache}", f"output_dir={out}", "trainer.max_epochs=1", "trainer.limit_train_batches=3",
@@ -85,7 +85,7 @@ def test_ddp_two_ranks_evaluate_like_one_process(ml100k_cache, tmp_path):
     # the same weights embedded and probed by one process
     cfg = compose(args)
     datamodule = EventDataModule(to_dataclass(cfg.data, DataConfig), seed=cfg.seed)
-    module = build_module(OmegaConf.to_container(cfg.model), datamodule.data)
+    module = build_module(OmegaConf.to_object(cfg.model), datamodule.data)
     load_model(module, str(run_dir / "model.safetensors"))
     single = embed_all(module, datamodule.predict_dataloader())
     gathered = np.stack(pl.read_parquet(run_dir / "embeddings.parquet")["embedding"].to_numpy())

