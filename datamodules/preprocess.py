@@ -34,7 +34,7 @@ from datamodules.targets import FUTURE_KINDS, STATIC_KINDS, Target, future_label
 
 log = logging.getLogger(__name__)
 
-VERSION = 2  # bump when the cached layout or its meaning changes
+VERSION = 3  # bump when the cached layout or its meaning changes (3: meta.json holds relevant_users)
 CACHE_IRRELEVANT = ("batch_size", "bucket_by_length", "num_workers", "cache_dir")
 CACHE_FILES = ("users.parquet", "targets.parquet")
 
@@ -258,6 +258,7 @@ def build(source: SourceData, cfg: DataConfig, seed: int, key: str, path: Path) 
         "n_users": frame.height,
         "n_val_users": int(val.sum()),
         "counts": counts,
+        "relevant_users": source.relevant_users,  # kept here so export never re-reads the source
     }
     for reason, n in counts.items():
         if n and reason not in ("raw_events", "history_events"):

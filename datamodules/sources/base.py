@@ -31,7 +31,7 @@ class SourceData:
     labels: pl.DataFrame | None  # column `user_id` (String) + label columns
     files: list[Path] = field(default_factory=list)  # every file read, for the cache key
     counts: dict[str, int] = field(default_factory=dict)  # rows dropped or fixed while loading, by reason
-    relevant_users: list[str] | None = None  # users to export embeddings for (e.g. the challenge's relevant clients)
+    relevant_users: list[str] | None = None  # users to export embeddings for (the challenge's relevant clients); kept in meta.json
 
 
 @dataclass(frozen=True)
