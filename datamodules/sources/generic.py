@@ -85,7 +85,7 @@ def read_events(path: Path, schema: EventSchema, time_format: str | None, separa
         elif f.kind in ("categorical", "text"):
             columns.append(src.cast(pl.String).alias(f.name))
         else:
-            raise DataError(f"{path}: field {f.name!r} has kind {f.kind!r}, which the generic source does not read yet")
+            raise DataError(f"{path}: field {f.name!r} has kind {f.kind!r}, which the generic source does not read (codes come from the recsys2025 source)")
     return frame.select(columns), counts
 
 
