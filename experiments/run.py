@@ -81,7 +81,8 @@ def export_submission(prepared, embeddings, out: Path) -> int:
     """The challenge's submission for its relevant clients; a client without history gets the mean embedding.
 
     The relevant clients are the list preprocessing kept from the source (every user when
-    the source has none), so the source files are not read again. Returns how many relevant clients had no history (counted in metrics.json).
+    the source has none), so the source files are not read again. Returns how many
+    relevant clients had no history (counted in metrics.json).
     """
     import numpy as np
 

@@ -29,7 +29,7 @@ class SourceData:
     events: pl.LazyFrame
     schema: EventSchema
     labels: pl.DataFrame | None  # column `user_id` (String) + label columns
-    files: list[Path] = field(default_factory=list)  # every file read, for the cache key
+    files: list[Path] = field(default_factory=list)  # every file read (errors name the first)
     counts: dict[str, int] = field(default_factory=dict)  # rows dropped or fixed while loading, by reason
     relevant_users: list[str] | None = None  # users to export embeddings for (the challenge's relevant clients); kept in meta.json
 

@@ -85,7 +85,7 @@ def read_events(path: Path, schema: EventSchema, time_format: str | None, separa
         elif f.kind in ("categorical", "text"):
             columns.append(src.cast(pl.String).alias(f.name))
         else:
-            raise DataError(f"{path}: field {f.name!r} has kind {f.kind!r}, which the generic source does not read (codes come from the recsys2025 source)")
+            raise DataError(f"{path}: field {f.name!r} has kind {f.kind!r}, which the generic source does not read (codes: recsys2025 only)")
     return frame.select(columns), counts
 
 
@@ -162,7 +162,9 @@ def load_config(cfg: DataConfig) -> SourceData:
     )
 
 
-SOURCE = Source(
-    files=lambda cfg: event_files(cfg) + ([Path(cfg.labels.path).expanduser()] if cfg.labels.path else []),
-    load=load_config,
-)
+def config_files(cfg: DataConfig) -> list[Path]:
+    """The event files, then the labels file if any (the order `load` appends them in)."""
+    return event_files(cfg) + ([Path(cfg.labels.path).expanduser()] if cfg.labels.path else [])
+
+
+SOURCE = Source(files=config_files, load=load_config)
