@@ -49,6 +49,15 @@ def test_unknown_source_or_no_path(tmp_path, source, path, parts):
     assert no_cache_left(tmp_path)
 
 
+def test_data_source_help_names_every_source():
+    """`--help` lists data.source's choices from a docstring; a source added to the table must appear there too."""
+    from datamodules.config import DataConfig
+    from datamodules.sources import SOURCES
+    from experiments.config import attribute_docs
+
+    assert attribute_docs(DataConfig)["source"] == " | ".join(SOURCES) + "."
+
+
 def test_missing_file(tmp_path):
     assert_fails(generic_config(tmp_path / "nope.csv", None, tmp_path / "cache"), "nope.csv", "file not found")
     assert no_cache_left(tmp_path)
