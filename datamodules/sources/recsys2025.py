@@ -80,7 +80,7 @@ def load(path: str | Path) -> SourceData:
     properties = read_properties(folder / f"{PROPERTIES}.parquet")
     frames = [read_events(folder / f"{name}.parquet", name, properties) for name in EVENT_TABLES]
     relevant = folder / RELEVANT
-    users = read_relevant(relevant) if relevant.is_file() else None
+    users = read_relevant(relevant) if relevant in paths else None  # files() decides whether it is there
     return SourceData("recsys2025", pl.concat(frames, how="vertical"), SCHEMA, None, paths, {}, users)
 
 
