@@ -18,6 +18,7 @@ from datamodules.atomic import atomic_write
 RESULTS = Path(__file__).parent / "results"
 DATA_CACHE = Path(".cache/benchmarks")
 EVENTS_PER_CLIENT = 88  # mean events per client of the recsys2025 generator with its defaults
+RECSYS_SETTINGS = {"cutoff_days_before_end": 14, "window_days": 14, "max_len": 128, "top_k": 1000}  # the recsys2025 preset's, no targets
 
 
 def machine() -> dict[str, Any]:
@@ -107,14 +108,16 @@ def target(description: str, measured: float, goal: float, higher_is_better: boo
     return {"target": description, "measured": round(measured, 4), "goal": goal, "met": bool(met)}
 
 
+def recsys_config(path: Path, **extra: Any) -> Any:
+    """The data config every benchmark preprocesses a generated recsys2025 layout with (RECSYS_SETTINGS + `extra`)."""
+    from datamodules.config import DataConfig
+
+    return DataConfig(source="recsys2025", path=str(path), **RECSYS_SETTINGS, **extra)
+
+
 def prepared_recsys(events: int) -> Any:
     """The generated recsys2025 layout of about `events` events, preprocessed as the recsys2025 preset does (cached)."""
-    from datamodules.config import DataConfig
     from datamodules.preprocess import prepare
 
     path, _ = recsys_data(events)
-    cfg = DataConfig(
-        source="recsys2025", path=str(path), cutoff_days_before_end=14, window_days=14, max_len=128, top_k=1000,
-        batch_size=128, cache_dir=str(DATA_CACHE / "sequences"),
-    )
-    return prepare(cfg)
+    return prepare(recsys_config(path, batch_size=128, cache_dir=str(DATA_CACHE / "sequences")))

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import median_time, prepared_recsys, scaled, target
+from benchmarks.common import RECSYS_SETTINGS, median_time, prepared_recsys, scaled, target
 from benchmarks.encoders import preset, token_vocab
 from benchmarks.registry import ENCODERS, Report, benchmark
 
@@ -105,7 +105,7 @@ def inference(scale: float, repeats: int, out_dir: Path) -> Report:
     finally:
         torch.set_num_threads(default_threads)
     return Report(
-        {"users": n, "events": store.n_events, "batch_size": BATCH, "max_len": 128, "order": "sorted by length", "torch_threads": thread_counts},
+        {"users": n, "events": store.n_events, "batch_size": BATCH, "max_len": RECSYS_SETTINGS["max_len"], "order": "sorted by length", "torch_threads": thread_counts},
         rows,
         targets,
         [

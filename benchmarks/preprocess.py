@@ -17,12 +17,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import recsys_data, run_child, scaled, target
+from benchmarks.common import RECSYS_SETTINGS, recsys_config, recsys_data, run_child, scaled, target
 from benchmarks.registry import Report, benchmark
 
 SIZES = (1_000_000, 3_000_000, 10_000_000)
 PANDAS_MAX_EVENTS = 3_500_000  # the pandas yardstick needs ~1.7 GB per 1M events: not run at 10M on a shared 23 GB box
-MAX_LEN, TOP_K = 128, 1000
+MAX_LEN, TOP_K = RECSYS_SETTINGS["max_len"], RECSYS_SETTINGS["top_k"]  # the pandas side is told the same
 
 
 def raw_size_mb(folder: Path) -> float:
@@ -33,11 +33,10 @@ def raw_size_mb(folder: Path) -> float:
 
 
 def run_polars(data: Path, out: Path) -> int:
-    from datamodules.config import DataConfig
     from datamodules.preprocess import build
     from datamodules.sources import load_source
 
-    cfg = DataConfig(source="recsys2025", path=str(data), cutoff_days_before_end=14, window_days=14, max_len=MAX_LEN, top_k=TOP_K)
+    cfg = recsys_config(data)
     build(load_source(cfg), cfg, 0, "benchmark", out)
     return 0
 

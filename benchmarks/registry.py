@@ -42,24 +42,24 @@ BENCHMARKS: dict[str, Callable[[float, int, Path], Report]] = {}
 ENCODERS: dict[str, Callable[..., Any]] = {}
 
 
-def benchmark(name: str) -> Callable:
-    def register(fn: Callable[[float, int, Path], Report]) -> Callable[[float, int, Path], Report]:
-        if name in BENCHMARKS:
-            raise ValueError(f"benchmark {name!r} registered twice")
-        BENCHMARKS[name] = fn
+def registrar(table: dict[str, Callable[..., Any]], what: str, name: str) -> Callable:
+    """A decorator that files a function under `name` in `table`; a name registered twice is an error."""
+
+    def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if name in table:
+            raise ValueError(f"{what} {name!r} registered twice")
+        table[name] = fn
         return fn
 
     return register
 
 
-def encoder(name: str) -> Callable:
-    def register(factory: Callable[..., Any]) -> Callable[..., Any]:
-        if name in ENCODERS:
-            raise ValueError(f"encoder {name!r} registered twice")
-        ENCODERS[name] = factory
-        return factory
+def benchmark(name: str) -> Callable:
+    return registrar(BENCHMARKS, "benchmark", name)
 
-    return register
+
+def encoder(name: str) -> Callable:
+    return registrar(ENCODERS, "encoder", name)
 
 
 def load_all() -> None:

@@ -43,10 +43,6 @@ class EventDataModule(L.LightningDataModule):
             self.setup()
         return self.prepared
 
-    @property
-    def vocab_sizes(self) -> dict[str, int]:
-        return self.data.store.vocab_sizes
-
     def loader(self, rows: np.ndarray, shuffle: bool) -> torch.utils.data.DataLoader:
         """Batches from a seeded sampler whose epoch order depends only on (seed, epoch): resumable mid-epoch.
 

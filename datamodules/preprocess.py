@@ -29,12 +29,12 @@ from datamodules.config import DataConfig
 from datamodules.schema import DAY_FIELD, FIRST_ID, MISSING, RARE, WEEK_FIELD, EventSchema, FieldSpec
 from datamodules.store import SequenceStore
 from datamodules.sources import load_source, source_files
-from datamodules.sources.base import DataError, SourceData, fingerprint
+from datamodules.sources.base import DataError, SourceData
 from datamodules.targets import FUTURE_KINDS, STATIC_KINDS, Target, future_labels, static_labels, stratified_split
 
 log = logging.getLogger(__name__)
 
-VERSION = 2  # bump when the cached layout or its meaning changes
+VERSION = 3  # bump when the cached layout or its meaning changes (3: meta.json holds relevant_users)
 CACHE_IRRELEVANT = ("batch_size", "bucket_by_length", "num_workers", "cache_dir")
 CACHE_FILES = ("users.parquet", "targets.parquet")
 
@@ -54,8 +54,10 @@ class Prepared:
 
 
 def cache_key(cfg: DataConfig, seed: int, files: list[Path]) -> str:
+    """Hash of the source files' names and content, the settings and the seed: a changed file never reuses a stale cache."""
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in CACHE_IRRELEVANT}
-    payload = json.dumps({"version": VERSION, "seed": seed, "settings": settings, "data": fingerprint(files)}, sort_keys=True, default=str)
+    data = [[path.name, file_hash(path)] for path in sorted(files)]
+    payload = json.dumps({"version": VERSION, "seed": seed, "settings": settings, "data": data}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
@@ -92,11 +94,9 @@ def stale_reason(path: Path, key: str) -> str | None:
 
 
 def file_hash(path: Path) -> str:
-    h = hashlib.sha256()
+    """sha256 of a file's content, read in blocks (source files can be gigabytes)."""
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def is_val_user(user_ids: pl.Series, seed: int, fraction: float) -> np.ndarray:
@@ -258,6 +258,7 @@ def build(source: SourceData, cfg: DataConfig, seed: int, key: str, path: Path) 
         "n_users": frame.height,
         "n_val_users": int(val.sum()),
         "counts": counts,
+        "relevant_users": source.relevant_users,  # kept here so export never re-reads the source
     }
     for reason, n in counts.items():
         if n and reason not in ("raw_events", "history_events"):

@@ -8,15 +8,12 @@ source's own column names.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
-FieldKind = Literal["categorical", "numeric", "text", "codes"]
 FIELD_KINDS: tuple[str, ...] = ("categorical", "numeric", "text", "codes")
 
 # Reserved ids of every vocabulary; real values start at FIRST_ID.
 PAD, MISSING, RARE, SOS, EOS = 0, 1, 2, 3, 4
 FIRST_ID = 5
-RESERVED_NAMES = {PAD: "<pad>", MISSING: "<missing>", RARE: "<rare>", SOS: "<sos>", EOS: "<eos>"}
 
 # Token fields derived from the time column by preprocessing.
 DAY_FIELD, WEEK_FIELD = "day", "week"
@@ -70,11 +67,6 @@ class EventSchema:
 
     def of_kind(self, *kinds: str) -> list[FieldSpec]:
         return [f for f in self.fields if f.kind in kinds]
-
-    @property
-    def token_fields(self) -> list[str]:
-        """Fields that become integer id sequences: categoricals, numeric buckets, day and week."""
-        return [f.name for f in self.of_kind("categorical", "numeric")] + [DAY_FIELD, WEEK_FIELD]
 
     @property
     def value_fields(self) -> list[str]:

@@ -37,9 +37,8 @@ class UserIndexDataset(torch.utils.data.Dataset):
 class Collator:
     """Store rows -> padded batch dict (see module docstring). Picklable for worker processes."""
 
-    def __init__(self, store: SequenceStore, fields: Sequence[str] | None = None):
+    def __init__(self, store: SequenceStore):
         self.store = store
-        self.fields = list(fields) if fields is not None else list(store.tokens)
 
     def __call__(self, rows: Sequence[int]) -> dict:
         s = self.store
@@ -50,7 +49,7 @@ class Collator:
         steps = np.arange(width)
         mask = steps[None, :] < lengths[:, None]
         gather = np.where(mask, starts[:, None] + steps[None, :], 0)
-        tokens = {f: torch.from_numpy(np.where(mask, s.tokens[f][gather], 0).astype(np.int64)) for f in self.fields}
+        tokens = {f: torch.from_numpy(np.where(mask, s.tokens[f][gather], 0).astype(np.int64)) for f in s.tokens}
         values = {}
         for f, arr in s.values.items():
             v = arr[gather]

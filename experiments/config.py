@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import inspect
 import typing
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,20 +172,28 @@ def load_yaml(group: str, name: str) -> dict:
     return loaded
 
 
+def split_words(words: list[str], name_key: str, option_keys: Collection[str]) -> tuple[str | None, dict[str, str], list[str]]:
+    """`key=value` words -> the value of `name_key`, the `option_keys` given, the rest (dotlist overrides).
+
+    Shared by experiments.run and sweeps.run, so both command lines read words alike.
+    """
+    name, options, overrides = None, {}, []
+    for word in words:
+        if "=" not in word:
+            raise ConfigError(f"{word!r}: expected key=value (see --help)")
+        key, value = word.split("=", 1)
+        if key == name_key:
+            name = value
+        elif key in option_keys:
+            options[key] = value
+        else:
+            overrides.append(word)
+    return name, options, overrides
+
+
 def parse_args(args: list[str]) -> tuple[str | None, dict[str, str], list[str]]:
     """Split command-line words into the experiment choice, group choices and dotlist overrides."""
-    experiment, groups, overrides = None, {}, []
-    for arg in args:
-        if "=" not in arg:
-            raise ConfigError(f"{arg!r}: expected key=value (see --help)")
-        key, value = arg.split("=", 1)
-        if key == "experiment":
-            experiment = value
-        elif key in GROUPS:
-            groups[key] = value
-        else:
-            overrides.append(arg)
-    return experiment, groups, overrides
+    return split_words(args, "experiment", GROUPS)
 
 
 def field_types(cls: type) -> dict[str, Any]:

@@ -77,17 +77,19 @@ def write_embeddings(path: Path, user_ids, embeddings) -> None:
     atomic_write(path, frame.write_parquet)
 
 
-def export_submission(data: DictConfig, prepared, embeddings, out: Path) -> int:
+def export_submission(prepared, embeddings, out: Path) -> int:
     """The challenge's submission for its relevant clients; a client without history gets the mean embedding.
 
-    Returns how many relevant clients had no history (counted in metrics.json).
+    The relevant clients are the list preprocessing kept from the source (every user when
+    the source has none), so the source files are not read again. Returns how many
+    relevant clients had no history (counted in metrics.json).
     """
     import numpy as np
 
     from datamodules.sources import recsys2025
 
-    relevant = Path(data.path).expanduser() / "input" / "relevant_clients.npy"
-    ids = recsys2025.read_relevant(relevant) if relevant.is_file() else [str(u) for u in prepared.store.user_ids]
+    relevant = prepared.meta["relevant_users"]
+    ids = relevant if relevant is not None else [str(u) for u in prepared.store.user_ids]
     index = {str(u): i for i, u in enumerate(prepared.store.user_ids)}
     rows = np.array([index.get(u, -1) for u in ids])
     vectors = np.where((rows >= 0)[:, None], embeddings[np.maximum(rows, 0)], embeddings.mean(axis=0))
@@ -271,7 +273,7 @@ def run(cfg: DictConfig, command: str | None = None, extra_callbacks: list | Non
     # metrics.json last: its presence marks a finished run (experiments.rundirs)
     write_embeddings(run_dir / "embeddings.parquet", prepared.store.user_ids, embeddings)
     if cfg.export_submission:
-        metrics["data/relevant_clients_without_history"] = export_submission(cfg.data, prepared, embeddings, run_dir / "submission")
+        metrics["data/relevant_clients_without_history"] = export_submission(prepared, embeddings, run_dir / "submission")
     if module is not None:
         # save_model drops the duplicates of tied weights (e.g. an LM head tied to its embeddings)
         atomic_write(run_dir / "model.safetensors", lambda p: save_model(module, str(p)))

@@ -1,1 +1,1 @@
-"""Paper-shaped tables regenerated from run directories (issues 3 and 4: not built yet)."""
+"""Paper-shaped tables regenerated from run directories: `python -m reports.build NAME`."""

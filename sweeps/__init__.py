@@ -1,1 +1,1 @@
-"""Optuna studies around experiments.run (issue 5: not built yet)."""
+"""Optuna studies around experiments.run: `python -m sweeps.run sweep=NAME` (docs/sweeps.md)."""

@@ -17,7 +17,7 @@ import sys
 import zlib
 from pathlib import Path
 
-from experiments.config import ConfigError
+from experiments.config import ConfigError, split_words
 from sweeps.spec import SWEEP_KEYS, SweepSpec, load_spec, presets
 from sweeps.storage import StorageInfo, open_storage, recover_interrupted, resolve, retried_numbers
 
@@ -41,7 +41,7 @@ Running the same command again resumes the study."""
 
 def parse_argv(argv: list[str]) -> tuple[str, dict[str, str], list[str], int, bool, int]:
     """-> sweep name, sweep options, run-config overrides, workers, report_only, worker index."""
-    sweep, options, extra, workers, report_only, index = None, {}, [], 1, False, 0
+    workers, report_only, index, plain = 1, False, 0, []
     words = list(argv)
     while words:
         word = words.pop(0)
@@ -61,16 +61,9 @@ def parse_argv(argv: list[str]) -> tuple[str, dict[str, str], list[str], int, bo
                 index = int(value)
         elif word.startswith("-"):
             raise ConfigError(f"{word}: unknown option (see --help)")
-        elif "=" not in word:
-            raise ConfigError(f"{word!r}: expected key=value (see --help)")
         else:
-            key, value = word.split("=", 1)
-            if key == "sweep":
-                sweep = value
-            elif key in SWEEP_KEYS:
-                options[key] = value
-            else:
-                extra.append(word)
+            plain.append(word)
+    sweep, options, extra = split_words(plain, "sweep", SWEEP_KEYS)
     if sweep is None:
         raise ConfigError(f"sweep=NAME is required; presets: {presets()}")
     return sweep, options, extra, workers, report_only, index

@@ -35,6 +35,29 @@ def no_cache_left(tmp_path):
     return not cache.exists() or not any(cache.iterdir())
 
 
+@pytest.mark.parametrize(
+    "source, path, parts",
+    [
+        ("parquetz", "x", ["data.source", "'parquetz'", "('ml100k', 'generic', 'recsys2025')"]),
+        ("generic", None, ["data.path", "event file or glob"]),
+        ("recsys2025", None, ["data.path", "challenge data directory"]),
+    ],
+)
+def test_unknown_source_or_no_path(tmp_path, source, path, parts):
+    cfg = generic_config(tmp_path / "events.csv", None, tmp_path / "cache", source=source, path=path)
+    assert_fails(cfg, *parts)
+    assert no_cache_left(tmp_path)
+
+
+def test_data_source_help_names_every_source():
+    """`--help` lists data.source's choices from a docstring; a source added to the table must appear there too."""
+    from datamodules.config import DataConfig
+    from datamodules.sources import SOURCES
+    from experiments.config import attribute_docs
+
+    assert attribute_docs(DataConfig)["source"] == " | ".join(SOURCES) + "."
+
+
 def test_missing_file(tmp_path):
     assert_fails(generic_config(tmp_path / "nope.csv", None, tmp_path / "cache"), "nope.csv", "file not found")
     assert no_cache_left(tmp_path)

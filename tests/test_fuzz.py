@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from datamodules.config import DataConfig, SchemaConfig, TargetConfig
 from datamodules.preprocess import prepare
 from datamodules.schema import FIELD_KINDS, FieldSpec
-from datamodules.sources import event_schema
+from datamodules.sources.generic import event_schema
 from datamodules.sources.base import DataError
 from datamodules.text import FORMATS, EventTable, Renderer, format_events, format_number, one_line
 

@@ -70,7 +70,7 @@ def test_skip_mode_leaves_weights_untouched_and_counts(csv_data, tmp_path):
     events, labels = csv_data
     dm = EventDataModule(generic_config(events, labels, tmp_path / "cache", batch_size=8), seed=0)
     row = int(torch.tensor(~dm.data.is_val).nonzero()[0])  # a training user
-    module = PoisonedAutoencoder(dm.vocab_sizes, ["merchant", "amount"], emb_dim=4, hidden=8, layers=1, poisoned_row=row)
+    module = PoisonedAutoencoder(dm.data.store.vocab_sizes, ["merchant", "amount"], emb_dim=4, hidden=8, layers=1, poisoned_row=row)
     guard, watch = NonFiniteGuard("skip"), ParamWatch(row)
     trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[guard, watch])  # fmt: skip
@@ -89,7 +89,7 @@ def test_skip_mode_counts_in_metrics_json(csv_data, tmp_path):
 def test_error_mode_raises_inside_fit(csv_data, tmp_path):
     events, labels = csv_data
     dm = EventDataModule(generic_config(events, labels, tmp_path / "cache", batch_size=8), seed=0)
-    module = PoisonedAutoencoder(dm.vocab_sizes, ["merchant"], emb_dim=4, hidden=8, layers=1, poisoned_row=int((~dm.data.is_val).nonzero()[0][0]))
+    module = PoisonedAutoencoder(dm.data.store.vocab_sizes, ["merchant"], emb_dim=4, hidden=8, layers=1, poisoned_row=int((~dm.data.is_val).nonzero()[0][0]))
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[NonFiniteGuard("error")])  # fmt: skip
     with pytest.raises(NonFiniteError, match=r"non-finite loss at global step \d+ .*batch user ids: \[.*u\d{3}"):

@@ -95,6 +95,21 @@ def test_relevant_clients(layout, events, copy):
     assert recsys2025.load(copy).relevant_users is None and len(recsys2025.files(copy)) == 6
 
 
+def test_preprocessing_keeps_the_relevant_clients(copy, tmp_path):
+    """The submission's client list lives in the cache (meta.json), so exporting never re-reads the source."""
+    from datamodules.config import DataConfig
+    from datamodules.preprocess import prepare
+
+    cfg = DataConfig(source="recsys2025", path=str(copy), cache_dir=str(tmp_path / "cache"))
+    relevant = recsys2025.read_relevant(copy / "input" / "relevant_clients.npy")
+    built, cached = prepare(cfg), prepare(cfg)
+    assert cached.path == built.path and len(relevant) > 0
+    assert built.meta["relevant_users"] == cached.meta["relevant_users"] == relevant
+    (copy / "input" / "relevant_clients.npy").unlink()
+    without = prepare(cfg)
+    assert without.path != built.path and without.meta["relevant_users"] is None
+
+
 def test_datetime_timestamps_and_list_queries_are_accepted(copy, events):
     path = copy / "search_query.parquet"
     frame = pl.read_parquet(path)

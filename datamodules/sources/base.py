@@ -9,12 +9,13 @@ missing), codes a List of integers (recsys2025: Int16) of the field's fixed leng
 
 from __future__ import annotations
 
-import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
 
+from datamodules.config import DataConfig
 from datamodules.schema import EventSchema
 
 
@@ -28,20 +29,17 @@ class SourceData:
     events: pl.LazyFrame
     schema: EventSchema
     labels: pl.DataFrame | None  # column `user_id` (String) + label columns
-    files: list[Path] = field(default_factory=list)  # every file read, for the cache key
+    files: list[Path] = field(default_factory=list)  # every file read (errors name the first)
     counts: dict[str, int] = field(default_factory=dict)  # rows dropped or fixed while loading, by reason
-    relevant_users: list[str] | None = None  # users to export embeddings for (e.g. the challenge's relevant clients)
+    relevant_users: list[str] | None = None  # users to export embeddings for (the challenge's relevant clients); kept in meta.json
 
 
-def fingerprint(files: list[Path]) -> str:
-    """Content hash of the input files, so a changed file never reuses a stale cache."""
-    h = hashlib.sha256()
-    for path in sorted(files):
-        h.update(str(path.name).encode())
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
+@dataclass(frozen=True)
+class Source:
+    """A source as the `data` config reaches it: the files it reads (cheap, no parsing: the cache key) and its events."""
+
+    files: Callable[[DataConfig], list[Path]]
+    load: Callable[[DataConfig], SourceData]
 
 
 def first_row(frame: pl.LazyFrame, condition: pl.Expr) -> int | None:

@@ -10,13 +10,15 @@ Handling of imperfect data (documented in docs/data.md, counted in the run's met
 
 from __future__ import annotations
 
-from pathlib import Path
+import glob
 from collections.abc import Sequence
+from pathlib import Path
 
 import polars as pl
 
-from datamodules.schema import EventSchema
-from datamodules.sources.base import DataError, SourceData, first_row, parse_time, require_columns
+from datamodules.config import DataConfig
+from datamodules.schema import EventSchema, FieldSpec
+from datamodules.sources.base import DataError, Source, SourceData, first_row, parse_time, require_columns
 
 READERS = {".csv": "csv", ".tsv": "csv", ".txt": "csv", ".parquet": "parquet", ".arrow": "ipc", ".ipc": "ipc", ".feather": "ipc"}
 
@@ -83,7 +85,7 @@ def read_events(path: Path, schema: EventSchema, time_format: str | None, separa
         elif f.kind in ("categorical", "text"):
             columns.append(src.cast(pl.String).alias(f.name))
         else:
-            raise DataError(f"{path}: field {f.name!r} has kind {f.kind!r}, which the generic source does not read yet")
+            raise DataError(f"{path}: field {f.name!r} has kind {f.kind!r}, which the generic source does not read (codes: recsys2025 only)")
     return frame.select(columns), counts
 
 
@@ -126,3 +128,43 @@ def load(
         labels = read_labels(lpath, labels_user or schema.user, label_columns, separator)
         files.append(lpath)
     return SourceData("generic", pl.concat(frames, how="vertical_relaxed"), schema, labels, files, counts)
+
+
+def event_schema(cfg: DataConfig) -> EventSchema:
+    """The schema from config (FieldSpec entries may arrive as dicts)."""
+    s = cfg.schema
+    fields = [f if isinstance(f, FieldSpec) else FieldSpec(**f) for f in s.fields]
+    try:
+        return EventSchema(user=s.user, time=s.time, fields=fields, event_type=s.event_type)
+    except ValueError as err:
+        raise DataError(f"data.{err}") from None
+
+
+def event_files(cfg: DataConfig) -> list[Path]:
+    """data.path's matches, sorted; a path matching nothing stays as given (then 'file not found')."""
+    if not cfg.path:
+        raise DataError("data.path: the generic source needs an event file or glob")
+    path = Path(cfg.path).expanduser()
+    return [Path(m) for m in sorted(glob.glob(str(path)))] or [path]
+
+
+def load_config(cfg: DataConfig) -> SourceData:
+    from datamodules.targets import STATIC_KINDS  # here, not at the top: targets imports this package
+
+    return load(
+        event_files(cfg),
+        event_schema(cfg),
+        time_format=cfg.schema.time_format,
+        separator=cfg.schema.separator,
+        labels_path=cfg.labels.path,
+        labels_user=cfg.labels.user,
+        label_columns=[t.column or t.name for t in cfg.targets if t.kind in STATIC_KINDS],
+    )
+
+
+def config_files(cfg: DataConfig) -> list[Path]:
+    """The event files, then the labels file if any (the order `load` appends them in)."""
+    return event_files(cfg) + ([Path(cfg.labels.path).expanduser()] if cfg.labels.path else [])
+
+
+SOURCE = Source(files=config_files, load=load_config)

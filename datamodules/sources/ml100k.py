@@ -16,7 +16,7 @@ from pathlib import Path
 import polars as pl
 
 from datamodules.schema import EventSchema, FieldSpec
-from datamodules.sources.base import DataError, SourceData
+from datamodules.sources.base import DataError, Source, SourceData
 
 SCHEMA = EventSchema(
     user="user_id",
@@ -50,10 +50,15 @@ def read_tsv(path: Path) -> pl.DataFrame:
     return frame.rename({c: c.split(":")[0] for c in frame.columns})
 
 
-def load(path: str | Path | None = None) -> SourceData:
+def files(path: str | Path | None = None) -> list[Path]:
+    """The ratings, items and users files, in that order (path: the ml-100k folder, default recbole's)."""
     folder = Path(path).expanduser() if path else default_dir()
-    files = [folder / f"ml-100k.{ext}" for ext in ("inter", "item", "user")]
-    inter, item, user = (read_tsv(f) for f in files)
+    return [folder / f"ml-100k.{ext}" for ext in ("inter", "item", "user")]
+
+
+def load(path: str | Path | None = None) -> SourceData:
+    paths = files(path)
+    inter, item, user = (read_tsv(f) for f in paths)
 
     items = item.select(
         pl.col("item_id"),
@@ -66,7 +71,7 @@ def load(path: str | Path | None = None) -> SourceData:
         inter.with_row_index("_row", offset=1)
         .select(
             pl.col("_row"),
-            pl.lit(str(files[0])).alias("_file"),
+            pl.lit(str(paths[0])).alias("_file"),
             pl.col("user_id"),
             pl.from_epoch(pl.col("timestamp").cast(pl.Float64).cast(pl.Int64), time_unit="s").cast(pl.Datetime("us")).alias("time"),
             pl.col("item_id"),
@@ -80,6 +85,9 @@ def load(path: str | Path | None = None) -> SourceData:
         "missing_genre": int(events["genre"].is_null().sum()),
     }
     labels = user.with_row_index("_row", offset=1).select(
-        "_row", pl.lit(str(files[2])).alias("_file"), "user_id", pl.col("age").cast(pl.Int64), "gender", "occupation"
+        "_row", pl.lit(str(paths[2])).alias("_file"), "user_id", pl.col("age").cast(pl.Int64), "gender", "occupation"
     )
-    return SourceData("ml100k", events.lazy(), SCHEMA, labels, files, counts)
+    return SourceData("ml100k", events.lazy(), SCHEMA, labels, paths, counts)
+
+
+SOURCE = Source(files=lambda cfg: files(cfg.path), load=lambda cfg: load(cfg.path))

@@ -31,8 +31,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from datamodules.config import DataConfig
 from datamodules.schema import EventSchema, FieldSpec
-from datamodules.sources.base import DataError, SourceData, first_row, parse_time, require_columns
+from datamodules.sources.base import DataError, Source, SourceData, first_row, parse_time, require_columns
 from datamodules.sources.generic import scan_table
 
 PRODUCT_TABLES = ("product_buy", "add_to_cart", "remove_from_cart")
@@ -79,8 +80,17 @@ def load(path: str | Path) -> SourceData:
     properties = read_properties(folder / f"{PROPERTIES}.parquet")
     frames = [read_events(folder / f"{name}.parquet", name, properties) for name in EVENT_TABLES]
     relevant = folder / RELEVANT
-    users = read_relevant(relevant) if relevant.is_file() else None
+    users = read_relevant(relevant) if relevant in paths else None  # files() decides whether it is there
     return SourceData("recsys2025", pl.concat(frames, how="vertical"), SCHEMA, None, paths, {}, users)
+
+
+def folder_of(cfg: DataConfig) -> Path:
+    if not cfg.path:
+        raise DataError("data.path: the recsys2025 source needs the challenge data directory")
+    return Path(cfg.path).expanduser()
+
+
+SOURCE = Source(files=lambda cfg: files(folder_of(cfg)), load=lambda cfg: load(folder_of(cfg)))
 
 
 def parse_codes(frame: pl.LazyFrame, column: str, path: Path) -> pl.LazyFrame:
