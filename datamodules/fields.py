@@ -41,10 +41,14 @@ def resolve_fields(requested: list[str] | None, schema: Any, store: Any, time: s
     return fields
 
 
+def check_time(time: str) -> None:
+    if time not in TIME_CHOICES:
+        raise ValueError(f"time must be one of {TIME_CHOICES}, got {time!r}")
+
+
 def with_time(fields: list[str], time: str) -> list[str]:
     """The fields a sequence model embeds: the time index field first (day or week), then `fields`."""
-    if time not in TIME_CHOICES:
-        raise ValueError(f"time: {time!r}; choose from {TIME_CHOICES}")
+    check_time(time)
     return ([time] if time != "none" else []) + list(fields)
 
 

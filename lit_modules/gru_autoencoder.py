@@ -176,14 +176,11 @@ class GRUAutoencoder(L.LightningModule):
             losses[f] = F.cross_entropy(head(out), target[real])
         return losses
 
-    def _step(self, batch: dict, stage: str) -> torch.Tensor:
-        return log_losses(self, self.losses(batch), stage, len(batch["index"]))
-
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+        return log_losses(self, self.losses(batch), "train", len(batch["index"]))
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "val")
+        return log_losses(self, self.losses(batch), "val", len(batch["index"]))
 
     def predict_step(self, batch: dict, batch_idx: int = 0, dataloader_idx: int = 0) -> torch.Tensor:
         return self.embed(batch)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from datamodules.fields import TIME_CHOICES, resolve_fields, with_time
+from datamodules.fields import check_time, resolve_fields, with_time
 
 COMBINE_MODES = ("sum", "concat")
 
@@ -18,8 +18,7 @@ def check_gru_autoencoder(combine: str, time: str) -> None:
     """Checks shared by the config and the module's constructor."""
     if combine not in COMBINE_MODES:
         raise ValueError(f"combine must be one of {COMBINE_MODES}, got {combine!r}")
-    if time not in TIME_CHOICES:
-        raise ValueError(f"time must be one of {TIME_CHOICES}, got {time!r}")
+    check_time(time)
 
 
 @dataclass

@@ -197,14 +197,11 @@ class NextEventGPT(L.LightningModule):
 
     # ---------------------------------------------------------------- lightning
 
-    def _step(self, batch: dict, stage: str) -> torch.Tensor:
-        return log_losses(self, self.losses(batch, train=stage == "train"), stage, len(batch["lengths"]))
-
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+        return log_losses(self, self.losses(batch, train=True), "train", len(batch["lengths"]))
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "val")
+        return log_losses(self, self.losses(batch), "val", len(batch["lengths"]))
 
     def predict_step(self, batch: dict, batch_idx: int = 0, dataloader_idx: int = 0) -> torch.Tensor:
         return self.embed(batch)

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
-from datamodules.fields import TIME_CHOICES, check_value_fields, resolve_fields, with_time
+from datamodules.fields import check_time, check_value_fields, resolve_fields, with_time
 
 SCHEDULES = ("constant", "cosine")  # what lit_modules.contract.adamw_with_schedule does
 
@@ -37,8 +37,7 @@ def check_next_event_gpt(hp: Mapping[str, Any]) -> None:
         raise ValueError(f"warmup_steps must be >= 0, got {hp['warmup_steps']}")
     if hp["schedule"] not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {hp['schedule']!r}")
-    if hp["time"] not in TIME_CHOICES:
-        raise ValueError(f"time must be one of {TIME_CHOICES}, got {hp['time']!r}")
+    check_time(hp["time"])
 
 
 @dataclass
