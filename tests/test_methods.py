@@ -98,3 +98,43 @@ def test_every_model_preset_builds_and_reaches_the_module_unchanged(preset, csv_
         if key in config_keys(type(config)) and key not in resolved:
             got = module.hparams[key]
             assert (list(got) if isinstance(got, tuple) else got) == value, f"{preset}.{key}"
+
+
+def test_the_worked_example_of_adding_a_method_runs(ml100k_cache, tmp_path, monkeypatch):
+    """docs/adding_a_method.md's code, as printed there, registers, composes and trains one step: the doc cannot drift."""
+    import re
+    import sys
+
+    import lightning.pytorch as L
+    from omegaconf import OmegaConf
+
+    from datamodules.config import DataConfig
+    from datamodules.datamodule import EventDataModule
+    from experiments.build import build_datamodule, build_module
+    from experiments.config import to_dataclass
+
+    doc = (CONFIG_DIR.parents[1] / "docs" / "adding_a_method.md").read_text()
+    code = dict(zip(("config", "module", "registry"), re.findall(r"```python\n(.*?)```", doc, re.S)))
+    package = tmp_path / "example"
+    package.mkdir()
+    (package / "mean_events_config.py").write_text(code["config"])
+    (package / "mean_events.py").write_text(code["module"])
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from example.mean_events_config import MeanEventsConfig  # noqa: E402
+
+    line = code["registry"].strip().replace("lit_modules.mean_events", "example.mean_events")
+    method = eval(line.split(": ", 1)[1].rstrip(","), {"Method": type(METHODS["gru_autoencoder"]), "MeanEventsConfig": MeanEventsConfig})
+    monkeypatch.setitem(METHODS, "mean_events", method)
+    test_config_keys_are_the_constructor_parameters_with_the_same_defaults("mean_events")
+
+    preset = yaml.safe_load(re.findall(r"```yaml\n(.*?)```", doc, re.S)[0])
+    config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(MeanEventsConfig), {**preset, "dim": 8}))
+    cfg = compose([f"data.cache_dir={ml100k_cache}"])
+    events = EventDataModule(to_dataclass(cfg.data, DataConfig), seed=0)
+    module = build_module(config, events.data)
+    assert isinstance(module, EmbeddingMethod)
+    trainer = L.Trainer(fast_dev_run=True, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=build_datamodule(config, events))
+    assert "train/loss_last_event" in trainer.callback_metrics
+    for name in ("example", "example.mean_events", "example.mean_events_config"):  # the next test's tmp_path is another folder
+        sys.modules.pop(name, None)
