@@ -6,14 +6,14 @@ import numpy as np
 import torch
 
 from datamodules.datamodule import EventDataModule, TextDataModule
-from lit_modules.llm4es import MINILM
+from lit_modules.lm import MINILM, load_tokenizer
 from tests.conftest import generic_config
 
 
 def test_text_loaders_cover_the_splits(tmp_path, csv_data):
     events, labels = csv_data
     base = EventDataModule(generic_config(events, labels, tmp_path / "cache"), seed=0)
-    text = TextDataModule(base, MINILM, max_tokens=64, formats=("plain", "json"), pack_length=128)
+    text = TextDataModule(base, load_tokenizer(MINILM), max_tokens=64, formats=("plain", "json"), pack_length=128)
     seen = np.concatenate([b["index"].numpy() for b in text.predict_dataloader()])
     assert sorted(seen.tolist()) == list(range(len(base.data.store)))
     val = np.concatenate([b["index"].numpy() for b in text.val_dataloader()])
