@@ -14,7 +14,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from datamodules.preprocess import Prepared, prepare
 from datamodules.text import FORMATS, Renderer, augment_formats, render_user
-from datamodules.text_batches import IGNORE, TextBatchBuilder, UserTextDataset, block_causal_mask, count_tokens, fit_budget
+from datamodules.text_batches import IGNORE, TextBatchBuilder, UserTextDataset, block_causal_mask, count_tokens, fit_budget, fit_lines
 from lit_modules.lm import MINILM, load_tokenizer
 from lit_modules.rewrite import rewrite_with_llm
 from tests.conftest import generic_config
@@ -166,6 +166,20 @@ def test_dataset_items_fit_and_cover_users_times_formats(prepared, tokenizer):
         assert ids == tokenizer(ds.text(i))["input_ids"]
     assert ds.text(0) == EXPECTED["plain"]  # u1 fits whole
     assert ds.text(3).endswith(Renderer(prepared).render(1, "json").text(1).split("\n", 1)[1])  # u2 cut, newest kept
+
+
+def test_fit_lines_keeps_recent_whole_lines_or_drops(tokenizer):
+    lines = EXPECTED["plain"].split("\n")
+    text = "\n" + EXPECTED["plain"] + "\n\n"  # surrounding whitespace is not content
+    whole = count_tokens(tokenizer, EXPECTED["plain"])
+    assert fit_lines(text, tokenizer, whole) == EXPECTED["plain"]
+    assert fit_lines(text, tokenizer, whole - 1) == "\n".join(lines[1:])  # the oldest line goes first
+    last_two = count_tokens(tokenizer, "\n".join(lines[-2:]))
+    assert fit_lines(text, tokenizer, last_two + 1, extra_tokens=1) == "\n".join(lines[-2:])
+    assert fit_lines(text, tokenizer, last_two) == "\n".join(lines[-2:])
+    assert fit_lines(text, tokenizer, last_two, extra_tokens=1) == lines[-1]
+    assert fit_lines(text, tokenizer, count_tokens(tokenizer, lines[-1]) - 1) is None  # not even the newest line fits
+    assert fit_lines(" \n ", tokenizer, 100) is None
 
 
 # -------------------------------------------------------------------- batches
