@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("name", presets("experiment"))
 def test_every_experiment_composes(name):
     extra = ["data.path=/dev/null"] if "generic" in name else []
+    extra += ["model.rewriter_path=/dev/null"] if "rewrite" in name else []  # the user names the instruct model
     cfg = compose([f"experiment={name}", *extra])
     assert cfg.experiment == name and cfg.model.name in MODELS
 
@@ -26,7 +27,7 @@ def test_every_experiment_composes(name):
 def test_every_model_preset_names_a_registered_method(name):
     raw = yaml.safe_load((CONFIG_DIR / "model" / f"{name}.yaml").read_text())
     assert raw["name"] in MODELS
-    cfg = compose([f"model={name}"])
+    cfg = compose([f"model={name}", *(["model.rewriter_path=/dev/null"] if "rewrite" in name else [])])
     assert cfg.model.name == raw["name"]
 
 
