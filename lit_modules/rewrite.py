@@ -55,9 +55,7 @@ def rewrite_with_llm(
     generated is written even when a later batch fails (not on a hard kill). A generation
     that reaches `max_new_tokens` ends mid-history: set it to cover a whole rewritten text.
     """
-    unknown = [f for f in formats if f not in FORMAT_NAMES]
-    if unknown or not formats:
-        raise ValueError(f"model.rewrite_formats {list(formats)}; choose from {sorted(FORMAT_NAMES)}")
+    check_formats(formats)
     base = {"model": str(model_dir(model_path, "model.rewriter_path")), "prompt": REWRITE_PROMPT, "temperature": temperature,
             "top_p": top_p, "seed": seed, "max_new_tokens": max_new_tokens}  # fmt: skip
     jobs = {}  # key -> (text, format)
@@ -86,6 +84,13 @@ def rewrite_with_llm(
         finally:
             _write_cache(cache_path, done)
     return [[done[k] for k in row] for row in keys]
+
+
+def check_formats(formats: Sequence[str]) -> None:
+    """A bad format is a config error naming the key, before any text is rendered or generated."""
+    unknown = [f for f in formats if f not in FORMAT_NAMES]
+    if unknown or not formats:
+        raise ValueError(f"model.rewrite_formats {list(formats)}; choose from {sorted(FORMAT_NAMES)}")
 
 
 def _generate(tok: Any, model: Any, jobs: list[tuple[str, str]], params: dict, seed: int) -> list[str]:
@@ -137,7 +142,11 @@ def rewrite_cache_path(cache_dir: str | Path, prepared_path: Path) -> Path:
 
 
 def training_rewriter(cfg: dict, cache_dir: str | Path, prepared_path: Path, seed: int) -> Callable[[Sequence[str]], list[list[str]]]:
-    """`TextDataModule(rewrite=...)` for a text model config with `rewriter_path` set: texts -> their cached rewrites."""
+    """`TextDataModule(rewrite=...)` for a text model config with `rewriter_path` set: texts -> their cached rewrites.
+
+    The formats are checked here, before every training user is rendered for the rewriter.
+    """
+    check_formats(cfg["rewrite_formats"])
     return functools.partial(
         rewrite_with_llm,
         model_path=cfg["rewriter_path"],

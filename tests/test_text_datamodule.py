@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import polars as pl
+import pytest
 import torch
 
 from datamodules.datamodule import EventDataModule, TextDataModule
@@ -87,3 +88,10 @@ def test_over_budget_rewrites_keep_recent_lines_or_are_dropped(tmp_path, csv_dat
     assert len(cut) == n and cut[0].endswith("line 39") and "line 0\n" not in cut[0]
     assert all(len(encode(tok, t)) <= 48 for _, t in text.rewrites)
     assert len(training_documents(text)) == n + 2 * n
+
+
+def test_unknown_rewrite_format_names_the_key(tmp_path, csv_data):
+    events, labels = csv_data
+    cfg = dataclasses.asdict(LLM4ESConfig(rewriter_path="no/such/model", rewrite_formats=["xml"]))
+    with pytest.raises(ValueError, match=r"model.rewrite_formats \['xml'\]; choose from"):
+        build_datamodule(cfg, EventDataModule(generic_config(events, labels, tmp_path / "cache"), seed=0))
