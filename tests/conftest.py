@@ -95,3 +95,25 @@ def random_lm_dir(tmp_path_factory) -> Path:
     from lit_modules.random_lm import save_random_causal_lm
 
     return save_random_causal_lm(tmp_path_factory.mktemp("models") / "minilm_random")
+
+
+@pytest.fixture(scope="session")
+def tiny_causal_lm_dir(tmp_path_factory) -> Path:
+    """A one-layer random-weight Llama with the MiniLM tokenizer (from its package): a stand-in instruct LM
+    for the LLM rewrite, fast enough to generate for every training user (model.rewriter_path=<this>)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lit_modules.lm import MINILM, load_tokenizer
+
+    out = tmp_path_factory.mktemp("models") / "tiny_llama"
+    tok = load_tokenizer(MINILM)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=1024, bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
+        pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

@@ -37,13 +37,22 @@ def quiet_trainer(max_epochs: int) -> L.Trainer:
     )
 
 
-def experiment_source(experiment: str) -> str:
-    """The data source an experiment names, read from its own config (its data preset and overrides)."""
+def experiment_section(experiment: str, group: str) -> dict:
+    """An experiment's own `data` or `model` section: its preset with the experiment file's overrides on top."""
     from experiments.config import load_yaml
 
     body = load_yaml("experiment", experiment)
-    data = {**load_yaml("data", body["defaults"]["data"]), **(body.get("data") or {})}
-    return data["source"]
+    return {**load_yaml(group, body["defaults"][group]), **(body.get(group) or {})}
+
+
+def unset_keys(section: dict, prefix: str) -> list[str]:
+    """Keys a config leaves to the user (`???`), as `prefix.key`."""
+    return [f"{prefix}.{k}" for k, v in section.items() if v == "???"]
+
+
+def experiment_source(experiment: str) -> str:
+    """The data source an experiment names, read from its own config."""
+    return experiment_section(experiment, "data")["source"]
 
 
 def data_args_for(source: str, csv_data, ml100k_cache, recsys_dir, tmp_path) -> list[str]:

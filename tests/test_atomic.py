@@ -134,15 +134,15 @@ def test_second_builder_of_a_cache_uses_the_first_ones(tmp_path, caplog):
 
 
 def test_rewrite_cache_of_wrong_schema_is_regenerated(tmp_path, caplog):
-    from datamodules.text import read_rewrite_cache
+    from lit_modules.rewrite import read_rewrite_cache
 
     path = tmp_path / "rewrites.parquet"
     pl.DataFrame({"key": ["a"], "value": [1]}).write_parquet(path)
-    with caplog.at_level("INFO", logger="datamodules.text"):
+    with caplog.at_level("INFO", logger="lit_modules.rewrite"):
         assert read_rewrite_cache(path) == {}
     assert "has schema" in caplog.text and "regenerating" in caplog.text
     path.write_bytes(b"not parquet")
-    with caplog.at_level("INFO", logger="datamodules.text"):
+    with caplog.at_level("INFO", logger="lit_modules.rewrite"):
         assert read_rewrite_cache(path) == {}
     assert "unreadable" in caplog.text
     pl.DataFrame({"key": ["a"], "text": ["t"]}).write_parquet(path)

