@@ -55,7 +55,7 @@ def rewrite_with_llm(
     generated is written even when a later batch fails (not on a hard kill). A generation
     that reaches `max_new_tokens` ends mid-history: set it to cover a whole rewritten text.
     """
-    check_formats(formats)
+    check_formats(formats, "model.rewrite_formats")
     base = {"model": str(model_dir(model_path, "model.rewriter_path")), "prompt": REWRITE_PROMPT, "temperature": temperature,
             "top_p": top_p, "seed": seed, "max_new_tokens": max_new_tokens}  # fmt: skip
     jobs = {}  # key -> (text, format)

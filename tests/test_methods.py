@@ -16,7 +16,7 @@ from experiments.build import constructor_args
 from lit_modules.contract import EmbeddingMethod
 from experiments.config import CONFIG_DIR, compose, presets
 from lit_modules.registry import METHODS
-from tests.helpers import experiment_source, data_args_for
+from tests.helpers import data_args_for, experiment_source, unset_keys
 
 TRAINED = [name for name, m in METHODS.items() if m.module is not None]
 
@@ -86,13 +86,13 @@ def test_every_model_preset_builds_and_reaches_the_module_unchanged(preset, csv_
 
     experiment = experiments_by_model_preset()[preset]
     data = data_args_for(experiment_source(experiment), csv_data, ml100k_cache, recsys_dir, tmp_path)
-    cfg = compose([f"experiment={experiment}", f"model={preset}", *data])
+    raw = yaml.safe_load((CONFIG_DIR / "model" / f"{preset}.yaml").read_text())
+    cfg = compose([f"experiment={experiment}", f"model={preset}", *data, *(f"{k}=/dev/null" for k in unset_keys(raw, "model"))])
     config = OmegaConf.to_object(cfg.model)
     prepared = prepare(to_dataclass(cfg.data, DataConfig), cfg.seed)
     kwargs = constructor_args(config, prepared)
     module = METHODS[config.name].module_class()(**kwargs)
     assert isinstance(module, EmbeddingMethod)
-    raw = yaml.safe_load((CONFIG_DIR / "model" / f"{preset}.yaml").read_text())
     resolved = set(getattr(config, "data_args", lambda _: {})(prepared))
     for key, value in raw.items():
         if key in config_keys(type(config)) and key not in resolved:
