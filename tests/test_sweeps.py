@@ -35,7 +35,7 @@ TINY = {
 def tiny_sweep(tmp_path: Path, **changes) -> Path:
     spec = {
         "experiment": "gru_ae_ml100k",
-        "objective": {"metric": "probe/mean_auc", "direction": "maximize"},
+        "objective": {"metric": "probe_val/mean_auc", "direction": "maximize"},
         "space": {
             "model.hidden": {"type": "categorical", "choices": [8, 16]},
             "model.lr": {"type": "float", "low": 1e-5, "high": 3e-2, "log": True},
@@ -70,7 +70,10 @@ def test_presets_parse_and_compose(tmp_path):
         ({"space": {"data.path": {"type": "categorical", "choices": ["a", "b"]}}}, "'data.path' is path-valued"),
         ({"space": {"model.dropout": {"type": "float", "low": 0, "high": 1, "condition": {"model.layers": [2]}}}},
          "condition names 'model.layers', which is not a parameter listed before it"),
-        ({"objective": {"metric": "probe/gender/ks"}}, "objective.metric 'probe/gender/ks'"),
+        ({"objective": {"metric": "probe_val/gender/ks"}}, "objective.metric 'probe_val/gender/ks'"),
+        ({"objective": {"metric": "probe/gender/auc"}}, "objective.metric 'probe/gender/auc': use probe_val/mean_auc"),
+        ({"objective": {"metric": "probe_test/gender/auc"}}, "objective.metric 'probe_test/gender/auc': TEST metrics are only reported"),
+        ({"objective": {"metric": "downstream_test/c/score"}}, "objective.metric 'downstream_test/c/score': TEST metrics"),
         ({"pruner": {"name": "median", "params": {"n_startup": 1}}}, None),  # caught when the pruner is built
     ],
 )
