@@ -30,7 +30,7 @@ from datamodules.schema import DAY_FIELD, FIRST_ID, MISSING, RARE, WEEK_FIELD, E
 from datamodules.store import SequenceStore
 from datamodules.sources import load_source, source_files
 from datamodules.sources.base import DataError, SourceData, fingerprint
-from datamodules.targets import FUTURE_KINDS, MULTILABEL, STATIC_KINDS, Target, evaluation_kind, future_labels, static_labels
+from datamodules.targets import FUTURE_KINDS, KINDS, MULTILABEL, STATIC_KINDS, Target, evaluation_kind, future_labels, static_labels
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +144,8 @@ def build(source: SourceData, cfg: DataConfig, seed: int, key: str, path: Path) 
     """
     schema = source.schema
     for t in cfg.targets:
-        if t.kind not in STATIC_KINDS + FUTURE_KINDS:
-            raise DataError(f"data.targets.{t.name}: unknown kind {t.kind!r}; choose from {STATIC_KINDS + FUTURE_KINDS}")
+        if t.kind not in KINDS:
+            raise DataError(f"data.targets.{t.name}: unknown kind {t.kind!r}; choose from {KINDS}")
     if any(t.kind in FUTURE_KINDS for t in cfg.targets) and not (cfg.cutoff or cfg.cutoff_quantile is not None or cfg.cutoff_days_before_end):
         raise DataError("data.cutoff: future-window targets need data.cutoff, data.cutoff_quantile or data.cutoff_days_before_end")
 

@@ -25,6 +25,7 @@ class Target:
 # Config kinds (data.targets[].kind): the only list; preprocessing and the config help refer to it.
 STATIC_KINDS = ("binary", "above_median", "classes")  # from a labels table
 FUTURE_KINDS = ("churn", "propensity", "propensity_top")  # from the window after the cutoff
+KINDS = STATIC_KINDS + FUTURE_KINDS
 MULTILABEL_KINDS = ("propensity_top",)  # config kinds whose labels are [U, K]
 # Evaluation kinds (Target.kind): the linear probe takes PROBE_KINDS, the downstream MLP MULTILABEL.
 PROBE_KINDS = ("binary", "multiclass")
