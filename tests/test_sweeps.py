@@ -154,6 +154,10 @@ def test_in_process_sweep_conditional_params_wandb_and_report(tmp_path, ml100k_c
         assert logged["trial_params"] == t.params
     best = json.loads((out / "inproc" / "best.json").read_text())
     assert best["value"] == pytest.approx(study.best_value) and best["number"] == study.best_trial.number
+    # the best trial's TEST figures are shown apart from what it was chosen on, and labelled
+    assert set(best["test_metrics"]) == {f"probe_test/{t}/{m}" for t in ("gender", "age", "occupation", "churn") for m in ("auc", "ks")}
+    assert not any(k.startswith("probe_test/") for k in best["metrics"])
+    assert "Best trial on TEST users (reported only" in (out / "inproc" / "trials.md").read_text()
     assert list((out / "inproc" / "wandb").glob("offline-run-*/run-*.wandb"))  # the summary run
     # resuming a finished study runs nothing more
     assert main([f"sweep={sweep}", "study=inproc", f"sweeps_dir={out}", f"data.cache_dir={ml100k_cache}"]) == 0
