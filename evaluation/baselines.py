@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from datamodules.preprocess import Prepared
 
 BASELINES = ("handcrafted", "random")
 
@@ -14,7 +18,7 @@ def random_embeddings(n_users: int, dim: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n_users, dim), dtype=np.float32)
 
 
-def baseline_embeddings(names: Sequence[str], prepared, dim: int, seed: int) -> dict[str, np.ndarray]:
+def baseline_embeddings(names: Sequence[str], prepared: Prepared, dim: int, seed: int) -> dict[str, np.ndarray]:
     """{name: [U, D] features} for each named baseline; random vectors get the model's width `dim`."""
     from evaluation.evaluate import cutoff_epoch
     from evaluation.handcrafted import handcrafted_features

@@ -7,17 +7,24 @@ multi-label ones; both report VAL (for selection) and TEST (for tables) metrics.
 from __future__ import annotations
 
 import datetime as dt
+from typing import TYPE_CHECKING
+
+import numpy as np
+from omegaconf import DictConfig
 
 from datamodules.targets import MULTILABEL, PROBE_KINDS
 
+if TYPE_CHECKING:
+    from datamodules.preprocess import Prepared
 
-def cutoff_epoch(prepared) -> int | None:
+
+def cutoff_epoch(prepared: Prepared) -> int | None:
     """The history cutoff as epoch seconds (None without a cutoff): the reference time of recency features."""
     cutoff = prepared.meta["cutoff"]
     return int(dt.datetime.fromisoformat(cutoff).replace(tzinfo=dt.timezone.utc).timestamp()) if cutoff else None
 
 
-def evaluate(cfg, prepared, embeddings, scores: dict | None = None) -> dict[str, float]:
+def evaluate(cfg: DictConfig, prepared: Prepared, embeddings: np.ndarray, scores: dict | None = None) -> dict[str, float]:
     """probe_val/* and probe_test/* for binary/multiclass targets, downstream_val/* and downstream_test/* for multi-label ones.
 
     `cfg` is the run config (its probe section and seed). `scores`, if given, receives each
