@@ -21,7 +21,9 @@ import torch
 import yaml
 
 from datamodules.preprocess import file_hash, load
-from evaluation.splits import TEST, UNLABELLED, user_keys, user_split
+from evaluation.downstream import train_downstream
+from evaluation.splits import FIT, TEST, UNLABELLED, VAL, user_keys, user_split
+from sweeps.run import main
 from tests.conftest import transactions
 
 TARGETS = (
@@ -105,11 +107,15 @@ def csv_column(run_dir: Path, prefix: str) -> dict[str, list[str]]:
     return {c: frame[c].drop_nulls().to_list() for c in frame.columns if c.startswith(prefix)}
 
 
-def test_selection_never_reads_test_labels(tmp_path, one_thread):
-    from evaluation.downstream import train_downstream
-    from evaluation.splits import FIT, VAL
-    from sweeps.run import main
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
+
+def test_selection_never_reads_test_labels(tmp_path, one_thread):
     events, labels = transactions(n_users=120)
     labels.with_columns(tier=pl.Series([f"t{i % 3}" for i in range(labels.height)])).write_csv(tmp_path / "labels.csv")
     events.write_csv(tmp_path / "events.csv")
@@ -163,10 +169,3 @@ def test_selection_never_reads_test_labels(tmp_path, one_thread):
     best_a, best_b = (json.loads((out / "s" / "best.json").read_text()) for out in (out_a, out_b))
     assert best_a["metrics"] == best_b["metrics"] and best_a["test_metrics"] != best_b["test_metrics"]
 
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
