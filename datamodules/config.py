@@ -40,7 +40,7 @@ class TargetConfig:
     """One probe target."""
 
     name: str = "target"
-    """Metric name: probe/<name>/auc."""
+    """Metric names: probe_val/<name>/auc (selection) and probe_test/<name>/auc (tables)."""
     kind: str = "binary"
     """binary | above_median | classes (static, from labels) or churn | propensity | propensity_top (future window)."""
     column: str | None = None

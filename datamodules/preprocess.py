@@ -30,7 +30,7 @@ from datamodules.schema import DAY_FIELD, FIRST_ID, MISSING, RARE, WEEK_FIELD, E
 from datamodules.store import SequenceStore
 from datamodules.sources import load_source, source_files
 from datamodules.sources.base import DataError, SourceData
-from datamodules.targets import FUTURE_KINDS, STATIC_KINDS, Target, future_labels, static_labels, stratified_split
+from datamodules.targets import FUTURE_KINDS, KINDS, MULTILABEL, STATIC_KINDS, Target, evaluation_kind, future_labels, static_labels
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def prepare(cfg: DataConfig, seed: int = 0) -> Prepared:
     if reason:
         log.info("building sequence cache %s (%s)", path, reason)
         build(load_source(cfg), cfg, seed, key, path)
-    return load(path, seed)
+    return load(path)
 
 
 def stale_reason(path: Path, key: str) -> str | None:
@@ -144,8 +144,8 @@ def build(source: SourceData, cfg: DataConfig, seed: int, key: str, path: Path) 
     """
     schema = source.schema
     for t in cfg.targets:
-        if t.kind not in STATIC_KINDS + FUTURE_KINDS:
-            raise DataError(f"data.targets.{t.name}: unknown kind {t.kind!r}; choose from {STATIC_KINDS + FUTURE_KINDS}")
+        if t.kind not in KINDS:
+            raise DataError(f"data.targets.{t.name}: unknown kind {t.kind!r}; choose from {KINDS}")
     if any(t.kind in FUTURE_KINDS for t in cfg.targets) and not (cfg.cutoff or cfg.cutoff_quantile is not None or cfg.cutoff_days_before_end):
         raise DataError("data.cutoff: future-window targets need data.cutoff, data.cutoff_quantile or data.cutoff_days_before_end")
 
@@ -343,19 +343,19 @@ def write_atomic_dir(path: Path, frames: dict[str, pl.DataFrame], meta: dict) ->
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load(path: Path, seed: int) -> Prepared:
+def load(path: Path) -> Prepared:
     meta = json.loads((path / "meta.json").read_text())
     users = pl.read_parquet(path / "users.parquet")
     table = pl.read_parquet(path / "targets.parquet")
     store = SequenceStore.from_frame(users, meta["vocab_sizes"], meta["value_fields"], meta["code_fields"])
     targets = []
     for name, info in meta["targets"].items():
-        if info["kind"] == "propensity_top":
-            labels, kind = table[name].to_numpy().astype(np.int8), "multilabel"
+        kind = evaluation_kind(info["kind"], len(info["classes"]))
+        if kind == MULTILABEL:
+            labels = table[name].to_numpy().astype(np.int8)
         else:
             labels = table[name].fill_null(-1).to_numpy().astype(np.int64)
-            kind = "binary" if len(info["classes"]) == 2 else "multiclass"
-        targets.append(Target(name, kind, labels, info["classes"], stratified_split(labels, seed, name)))
+        targets.append(Target(name, kind, labels, info["classes"]))
     s = meta["schema"]
     schema = EventSchema(s["user"], s["time"], [FieldSpec(**f) for f in s["fields"]], s["event_type"])
     return Prepared(store, schema, meta["vocabs"], targets, table["is_val"].to_numpy(), meta, path, users)

@@ -1,4 +1,7 @@
-"""Probe targets aligned with the rows of a SequenceStore, each with its own fit/eval split."""
+"""Probe targets aligned with the rows of a SequenceStore, and the one list of target kinds.
+
+The users' FIT/VAL/TEST split is not stored here: evaluation.splits draws it when evaluating.
+"""
 
 from __future__ import annotations
 
@@ -9,22 +12,31 @@ import polars as pl
 
 from datamodules.sources.base import DataError
 
-FIT, EVAL, UNLABELLED = 0, 1, -1
-
-
 @dataclass
 class Target:
     """One probe target. labels[u] is the class of store row u (-1: no label for that user)."""
 
     name: str
-    kind: str  # "binary" | "multiclass" | "multilabel"
+    kind: str  # one of PROBE_KINDS or MULTILABEL
     labels: np.ndarray  # int64 [U]; multilabel: int8 [U, K] (one column per class)
     classes: list[str]  # class names; label k is classes[k] (binary: [negative, positive])
-    split: np.ndarray  # int8 [U]: FIT, EVAL or UNLABELLED
 
 
-STATIC_KINDS = ("binary", "above_median", "classes")
-FUTURE_KINDS = ("churn", "propensity", "propensity_top")
+# Config kinds (data.targets[].kind): the only list; preprocessing and the config help refer to it.
+STATIC_KINDS = ("binary", "above_median", "classes")  # from a labels table
+FUTURE_KINDS = ("churn", "propensity", "propensity_top")  # from the window after the cutoff
+KINDS = STATIC_KINDS + FUTURE_KINDS
+MULTILABEL_KINDS = ("propensity_top",)  # config kinds whose labels are [U, K]
+# Evaluation kinds (Target.kind): the linear probe takes PROBE_KINDS, the downstream MLP MULTILABEL.
+PROBE_KINDS = ("binary", "multiclass")
+MULTILABEL = "multilabel"
+
+
+def evaluation_kind(config_kind: str, n_classes: int) -> str:
+    """The Target.kind of a config kind: multilabel, binary (2 classes) or multiclass."""
+    if config_kind in MULTILABEL_KINDS:
+        return MULTILABEL
+    return "binary" if n_classes == 2 else "multiclass"
 TRUE_VALUES, FALSE_VALUES = {"1", "true", "True", "yes"}, {"0", "false", "False", "no"}
 
 
@@ -104,25 +116,3 @@ def future_labels(spec, future: pl.DataFrame, user_ids: pl.Series, event_type_fi
     hits = values.filter(pl.col("value") == str(spec.value))["user_id"].unique()
     label = user_ids.is_in(hits.implode()).cast(pl.Int64)
     return label.set(~user_ids.is_in(active.implode()), None), ["no", str(spec.value)]
-
-
-def stratified_split(labels: np.ndarray, seed: int, name: str) -> np.ndarray:
-    """Half of each class to FIT, half to EVAL; seeded per target so targets do not share a split.
-
-    Multi-label targets ([U, K]) are split at random: half of all users to FIT.
-    """
-    import zlib
-
-    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-    split = np.full(len(labels), UNLABELLED, dtype=np.int8)
-    if labels.ndim == 2:
-        rows = rng.permutation(len(labels))
-        split[rows[: len(rows) // 2]] = FIT
-        split[rows[len(rows) // 2 :]] = EVAL
-        return split
-    for cls in np.unique(labels[labels >= 0]):
-        rows = rng.permutation(np.flatnonzero(labels == cls))
-        half = len(rows) // 2
-        split[rows[:half]] = FIT
-        split[rows[half:]] = EVAL
-    return split

@@ -26,6 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from datamodules.config import DataConfig
+from evaluation.baselines import BASELINES
+from evaluation.splits import DEFAULT_FRACTIONS, check_fractions
 from lit_modules.registry import METHODS
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -83,7 +85,7 @@ class DownstreamConfig:
     blocks: int = 3
     """Residual inverted-bottleneck blocks."""
     epochs: int = 3
-    """Epochs; the best one (on held-out FIT users) is kept."""
+    """Epochs; the best one on the VAL users is kept."""
     lr: float = 1e-3
     """AdamW learning rate."""
     batch_size: int = 128
@@ -94,16 +96,29 @@ class DownstreamConfig:
 class ProbeConfig:
     """Linear-probe evaluation of the embeddings."""
 
+    split: list[float] = field(default_factory=lambda: list(DEFAULT_FRACTIONS))
+    """Each target's users as [FIT, VAL, TEST] fractions (stratified, seeded): heads train on FIT, selection reads VAL, tables report TEST."""
     C: float | None = None
     """Inverse L2 strength of the logistic regression (null: chosen per target by 5-fold CV on the FIT users)."""
     max_iter: int = 1000
     """Logistic regression iterations."""
     every_n_epochs: int | None = None
-    """Also probe after every N-th validation epoch (null: only at the end)."""
-    baselines: list[str] = field(default_factory=lambda: ["handcrafted", "random"])
+    """Also probe (VAL users only) after every N-th validation epoch (null: only at the end)."""
+    baselines: list[str] = field(default_factory=lambda: list(BASELINES))
     """Rows probed the same way for comparison: handcrafted, random."""
     downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
     """The fixed downstream MLP used for multi-label (propensity) targets."""
+
+
+def check_probe(probe: Any) -> None:
+    """ConfigError naming the key for a bad probe.split or an unknown probe.baselines entry."""
+    try:
+        check_fractions(probe.split)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    unknown = [b for b in probe.baselines if b not in BASELINES]
+    if unknown:
+        raise ConfigError(f"probe.baselines: unknown baseline {unknown[0]!r}; choose from {BASELINES}")
 
 
 @dataclass
@@ -286,6 +301,7 @@ def compose(args: list[str]) -> DictConfig:
         raise ConfigError(f"model ({model_name}): {err}") from None
     if cfg.trainer.on_nonfinite not in NONFINITE_MODES:
         raise ConfigError(f"trainer.on_nonfinite: {cfg.trainer.on_nonfinite!r}; choose from {NONFINITE_MODES}")
+    check_probe(cfg.probe)
     OmegaConf.set_readonly(cfg, True)
     return cfg
 

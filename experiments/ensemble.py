@@ -98,7 +98,7 @@ def ensemble_embeddings(cfg: dict, prepared, reference_time: int | None, seed: i
     """[U, D] ensemble vectors for the users of `prepared`, in store order."""
     from sklearn.preprocessing import QuantileTransformer
 
-    from datamodules.handcrafted import handcrafted_features
+    from evaluation.handcrafted import handcrafted_features
 
     if not cfg["blocks"] and not cfg["handcrafted"]:
         raise ValueError("model.blocks: an ensemble needs at least one block or handcrafted=true")

@@ -23,14 +23,15 @@ from experiments.config import ConfigError, DataConfig, compose, help_text, to_d
 from experiments.rundirs import RUN_DIR_ENV, launched_as_rank_zero, resume_dir
 
 log = logging.getLogger("experiments.run")
-EVAL_GROUPS = ("probe", "downstream", "baseline")
+TABLE_GROUPS = ("probe_test/", "downstream_test/")  # what tables report; *_val/ is for selection only
+EVAL_GROUPS = ("probe_val", "probe_test", "downstream_val", "downstream_test", "baseline")
 
 
 @dataclass
 class RunResult:
     run_dir: Path
     metrics: dict[str, float]  # what metrics.json holds
-    rows: dict[str, dict[str, float]]  # table row name -> probe metrics
+    rows: dict[str, dict[str, float]]  # table row name -> its evaluate() metrics
     wandb_summary: dict = field(default_factory=dict)  # read from the W&B run before it finished
 
 
@@ -39,34 +40,6 @@ def make_run_dir(cfg: DictConfig) -> Path:
     run_dir = Path(cfg.output_dir) / cfg.experiment / name
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
-
-
-def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
-    from lightning.pytorch.loggers import CSVLogger, WandbLogger
-
-    loggers = []
-    if cfg.logger.wandb:
-        os.environ.setdefault("WANDB_MODE", "offline")
-        loggers.append(
-            WandbLogger(
-                project=cfg.logger.project,
-                entity=cfg.logger.entity,
-                group=cfg.logger.group,
-                tags=list(cfg.logger.tags) or None,
-                name=run_dir.name,
-                save_dir=str(run_dir),
-                offline=os.environ["WANDB_MODE"] == "offline",
-                config={
-                    "method": cfg.model.name,
-                    "dataset": cfg.data.source,
-                    "experiment": cfg.experiment,
-                    **OmegaConf.to_container(cfg),
-                },
-            )
-        )
-    if cfg.logger.csv:
-        loggers.append(CSVLogger(save_dir=str(run_dir), name="", version="csv"))
-    return loggers
 
 
 def write_embeddings(path: Path, user_ids, embeddings) -> None:
@@ -97,49 +70,6 @@ def export_submission(prepared, embeddings, out: Path) -> int:
     return int((rows < 0).sum())
 
 
-def baseline_embeddings(cfg: DictConfig, prepared, dim: int) -> dict:
-    """The floors every table shows: handcrafted features and random vectors of the model's width."""
-    from datamodules.handcrafted import handcrafted_features, random_embeddings
-
-    out = {}
-    for name in cfg.probe.baselines:
-        if name == "handcrafted":
-            out[name] = handcrafted_features(prepared.store, reference_time=cutoff_epoch(prepared))[0]
-        elif name == "random":
-            out[name] = random_embeddings(len(prepared.store), dim, cfg.seed)
-        else:
-            raise ConfigError(f"probe.baselines: unknown baseline {name!r}; choose handcrafted or random")
-    return out
-
-
-def cutoff_epoch(prepared) -> int | None:
-    cutoff = prepared.meta["cutoff"]
-    return int(dt.datetime.fromisoformat(cutoff).replace(tzinfo=dt.timezone.utc).timestamp()) if cutoff else None
-
-
-def evaluate(cfg: DictConfig, prepared, embeddings, scores: dict | None = None) -> dict[str, float]:
-    """One evaluation for every row: linear probe on binary/multiclass targets, the fixed downstream MLP on multi-label ones.
-
-    `scores`, if given, receives each binary target's EVAL labels and probabilities (ROC curves).
-    """
-    from callbacks.probe import probe_embeddings
-
-    targets = [t for t in prepared.targets if t.kind != "multilabel"]
-    out = probe_embeddings(embeddings, targets, C=cfg.probe.C, seed=cfg.seed, max_iter=cfg.probe.max_iter, scores=scores) if targets else {}
-    for t in prepared.targets:
-        if t.kind == "multilabel":
-            from callbacks.downstream import popularity_of, train_downstream
-
-            fit, ev = t.split == 0, t.split == 1
-            d = cfg.probe.downstream
-            scores = train_downstream(
-                embeddings, t.labels, fit, ev, popularity=popularity_of(t.labels, fit), width=d.width, blocks=d.blocks,
-                epochs=d.epochs, lr=d.lr, batch_size=d.batch_size, seed=cfg.seed,
-            )
-            out.update({f"downstream/{t.name}/{k}": float(v) for k, v in scores.items()})
-    return out
-
-
 TRAINER_RUN_KEYS = ("early_stopping_patience", "checkpoint_every_n_steps", "on_nonfinite")  # ours, not Trainer arguments
 
 
@@ -149,7 +79,7 @@ def fit_and_embed(
 ) -> tuple:
     """Train with Lightning (continuing from `resume_from`, a last.ckpt, if given), then embed every user with the weights of the best val/loss epoch.
 
-    extra_callbacks run after the built-in ones (a sweep's pruning callback reads the probe's results).
+    extra_callbacks run after the built-in ones (a sweep's pruning callback reads the probe's probe_val results).
     Under DDP every rank runs this (only rank 0 writes checkpoints) and every rank returns all
     users' embeddings, gathered from the ranks' shards.
     """
@@ -158,8 +88,10 @@ def fit_and_embed(
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
     from callbacks.nonfinite import NonFiniteGuard
-    from callbacks.probe import LinearProbe, embed_all
+    from callbacks.probe import LinearProbe
     from callbacks.resume import AtomicCheckpointIO, ResumeState
+    from datamodules.targets import PROBE_KINDS
+    from evaluation.embed import embed_all
 
     # best.ckpt only at validation ends (min val/loss); last.ckpt every N steps (or every epoch) for resume=true
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/loss")
@@ -168,9 +100,12 @@ def fit_and_embed(
     callbacks = [ResumeState(), guard, checkpoint, last]
     if cfg.trainer.early_stopping_patience is not None:
         callbacks.append(EarlyStopping(monitor="val/loss", patience=cfg.trainer.early_stopping_patience))
-    if cfg.probe.every_n_epochs:  # probe curves during training; the final numbers come from evaluate()
-        targets = [t for t in datamodule.data.targets if t.kind != "multilabel"]
-        callbacks.append(LinearProbe(targets, datamodule.predict_dataloader, cfg.probe.every_n_epochs, cfg.probe.C, cfg.seed, cfg.probe.max_iter, at_fit_end=False))
+    if cfg.probe.every_n_epochs:  # probe_val curves during training; the final numbers come from evaluate()
+        targets = [t for t in datamodule.data.targets if t.kind in PROBE_KINDS]
+        callbacks.append(LinearProbe(
+            targets, datamodule.predict_dataloader, cfg.probe.every_n_epochs, list(cfg.probe.split), cfg.probe.C, cfg.seed,
+            cfg.probe.max_iter, at_fit_end=False,
+        ))
     callbacks += extra_callbacks or []
     settings = {k: v for k, v in OmegaConf.to_container(cfg.trainer).items() if k not in TRAINER_RUN_KEYS}
     trainer = L.Trainer(
@@ -220,6 +155,7 @@ def run(cfg: DictConfig, command: str | None = None, extra_callbacks: list | Non
     module, embeddings = None, None
     try:
         if method.inputs == "runs":
+            from evaluation.evaluate import cutoff_epoch
             from experiments.ensemble import ensemble_embeddings
 
             embeddings = ensemble_embeddings(OmegaConf.to_container(cfg.model), prepared, cutoff_epoch(prepared), cfg.seed)
@@ -236,6 +172,8 @@ def run(cfg: DictConfig, command: str | None = None, extra_callbacks: list | Non
         atomic_write(run_dir / "config.yaml", lambda p: OmegaConf.save(cfg, p, resolve=True))
         if command and not resumed:  # reports cite the exact command behind each row
             atomic_write(run_dir / "command.txt", lambda p: p.write_text(command + "\n"))
+        from experiments.loggers import build_loggers
+
         loggers = build_loggers(cfg, run_dir)
     else:  # another rank: it names rank 0's directory (where known) but never creates or writes it
         run_dir, loggers = Path(os.environ.get(RUN_DIR_ENV) or Path(cfg.output_dir) / cfg.experiment / (cfg.run_name or "unnamed")), []
@@ -244,15 +182,18 @@ def run(cfg: DictConfig, command: str | None = None, extra_callbacks: list | Non
         last = resumed / "checkpoints" / "last.ckpt" if resumed else None
         embeddings, metrics, step = fit_and_embed(cfg, datamodule, module, loggers, run_dir, resume_from=last, extra_callbacks=extra_callbacks)
     elif module is not None:  # a frozen feature extractor: nothing to fit
-        from callbacks.probe import embed_all
+        from evaluation.embed import embed_all
 
         embeddings = embed_all(module, datamodule.predict_dataloader())
     if not writer:  # another rank of a distributed run: rank 0 evaluates once and writes
         return None
 
-    scores: dict[str, dict] = {}  # row -> binary target -> EVAL labels and probabilities (ROC curves)
+    from evaluation.baselines import baseline_embeddings
+    from evaluation.evaluate import evaluate
+
+    scores: dict[str, dict] = {}  # row -> binary target -> TEST labels and probabilities (ROC curves)
     rows = {cfg.model.name: evaluate(cfg, prepared, embeddings, scores.setdefault(cfg.model.name, {}))}
-    for name, features in baseline_embeddings(cfg, prepared, embeddings.shape[1]).items():
+    for name, features in baseline_embeddings(cfg.probe.baselines, prepared, embeddings.shape[1], cfg.seed).items():
         rows[f"baseline/{name}"] = evaluate(cfg, prepared, features, scores.setdefault(f"baseline/{name}", {}))
     metrics.update(rows[cfg.model.name])
     for name, row in rows.items():
@@ -260,7 +201,7 @@ def run(cfg: DictConfig, command: str | None = None, extra_callbacks: list | Non
             metrics.update({f"{name}/{k}": v for k, v in row.items()})
     metrics.update({f"data/{k}": v for k, v in prepared.meta["counts"].items()})
 
-    from callbacks.wandb_report import log_metrics, log_report, summary_dict
+    from experiments.loggers import log_metrics, log_report, summary_dict
 
     summary = {}
     for lg in loggers:  # training has ended: the evaluation is logged after it, then flushed
@@ -282,20 +223,21 @@ def run(cfg: DictConfig, command: str | None = None, extra_callbacks: list | Non
 
 
 def print_table(result: RunResult) -> None:
-    """Rows: targets; columns: the method and the baselines. Probe: AUC / KS; downstream MLP: AUROC / score."""
+    """Rows: targets; columns: the method and the baselines; TEST users only. Probe: AUC / KS; downstream MLP: AUROC / score."""
     from rich.console import Console
     from rich.table import Table
 
     first = next(iter(result.rows.values()))
-    keys = list(dict.fromkeys(k.rsplit("/", 1)[0] for k in first))  # probe/<t>, downstream/<t>
-    table = Table(title="Eval halves. Probe: AUC / KS; MLP: AUROC / score")
+    keys = list(dict.fromkeys(k.rsplit("/", 1)[0] for k in first if k.startswith(TABLE_GROUPS)))  # probe_test/<t>, downstream_test/<t>
+    table = Table(title="TEST users. Probe: AUC / KS; MLP: AUROC / score")
     table.add_column("target")
     for name in result.rows:
         table.add_column(name.removeprefix("baseline/"), justify="right")
     for key in keys:
-        a, b = ("auc", "ks") if key.startswith("probe/") else ("auroc", "score")
+        probe = key.startswith("probe_test/")
+        a, b = ("auc", "ks") if probe else ("auroc", "score")
         cells = [f"{row.get(f'{key}/{a}', float('nan')):.3f} / {row.get(f'{key}/{b}', float('nan')):.3f}" for row in result.rows.values()]
-        table.add_row(key.split("/", 1)[1] + ("" if key.startswith("probe/") else " (MLP)"), *cells)
+        table.add_row(key.split("/", 1)[1] + ("" if probe else " (MLP)"), *cells)
     Console(width=max(100, 24 * (len(result.rows) + 1))).print(table)
 
 
@@ -305,7 +247,7 @@ def quiet_libraries() -> None:
 
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    for name in ("datamodules", "experiments", "callbacks", "lit_modules"):
+    for name in ("datamodules", "experiments", "callbacks", "evaluation", "lit_modules"):
         logging.getLogger(name).setLevel(logging.INFO)
         logging.getLogger(name).addHandler(handler)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)

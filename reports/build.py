@@ -24,7 +24,7 @@ REPORT_DIR = Path(__file__).parent
 @dataclass
 class Column:
     label: str
-    key: str  # metrics.json key of the method's own row
+    key: str  # metrics.json key of the method's own row: a probe_test/ or downstream_test/ key (tables report TEST users)
     in_sum: bool = True  # KS columns are shown beside the AUCs but Sum adds the AUCs only
 
 
@@ -50,13 +50,17 @@ class Report:
 
 
 ML100K_TARGETS = ("gender", "age", "occupation", "churn")
-ML100K_COLUMNS = [Column(f"{t} AUC", f"probe/{t}/auc") for t in ML100K_TARGETS]
-ML100K_AUC_KS = [Column(f"{t} {m.upper()}", f"probe/{t}/{m}", in_sum=m == "auc") for t in ML100K_TARGETS for m in ("auc", "ks")]
+ML100K_COLUMNS = [Column(f"{t} AUC", f"probe_test/{t}/auc") for t in ML100K_TARGETS]
+ML100K_AUC_KS = [Column(f"{t} {m.upper()}", f"probe_test/{t}/{m}", in_sum=m == "auc") for t in ML100K_TARGETS for m in ("auc", "ks")]
 RECSYS_COLUMNS = [
-    Column("churn AUC", "probe/churn/auc"),
-    Column("category propensity score", "downstream/propensity_category/score"),
-    Column("sku propensity score", "downstream/propensity_sku/score"),
+    Column("churn AUC", "probe_test/churn/auc"),
+    Column("category propensity score", "downstream_test/propensity_category/score"),
+    Column("sku propensity score", "downstream_test/propensity_sku/score"),
 ]
+SPLIT_NOTE = (
+    "each target's users split 50/25/25 (stratified, seeded; `probe.split`) into FIT (the probe or MLP trains), "
+    "VAL (sweeps and the MLP's epoch are chosen) and TEST; the table reports TEST users only."
+)
 
 REPORTS = {
     "encode_me": Report(
@@ -70,7 +74,7 @@ REPORTS = {
         sections=[
             Section(
                 title="MovieLens-100k (recbole's copy; history = first 80% of ratings, churn window 30 days)",
-                data_note="Users with ratings before the cutoff; each target's users split 50/50 into probe fit and eval halves.",
+                data_note="Users with ratings before the cutoff; " + SPLIT_NOTE,
                 rows=[
                     ("GRU-AE all", "gru_ae_ml100k"),
                     ("GRU-AE week_all", "gru_ae_week_all_ml100k"),
@@ -83,7 +87,7 @@ REPORTS = {
             ),
             Section(
                 title="Generated RecSys Challenge 2025 layout (`python -m datamodules.synthetic recsys2025 --clients 4000 --out data/recsys2025_synth`)",
-                data_note="Synthetic clients with planted archetypes; history ends 14 days before the last event, targets from those 14 days.",
+                data_note="Synthetic clients with planted archetypes; history ends 14 days before the last event, targets from those 14 days; " + SPLIT_NOTE,
                 rows=[
                     ("GRU-AE all", "gru_ae_recsys2025"),
                     ("GRU-AE week_all", "gru_ae_week_all_recsys2025"),
@@ -122,12 +126,12 @@ REPORTS = {
             "Fine-tuning: 2 epochs, at most 256 tokens per user (the most recent events that fit), batch 16, lr 1e-4; "
             "the format-augmented run trains 1 epoch over the three renderings (each user seen 3 times, 1.5x the "
             "plain run's optimizer steps) to stay within the CPU budget, where the paper trains longer on GPUs. "
-            "Linear probe ROC-AUC and KS on the eval halves; Sum adds the four AUCs."
+            "Linear probe ROC-AUC and KS on the TEST users; Sum adds the four AUCs."
         ),
         sections=[
             Section(
                 title="MovieLens-100k (recbole's copy; history = first 80% of ratings, churn window 30 days)",
-                data_note="Users with ratings before the cutoff; each target's users split 50/50 into probe fit and eval halves.",
+                data_note="Users with ratings before the cutoff; " + SPLIT_NOTE,
                 rows=[
                     ("frozen LM (lm_features)", "lm_features"),
                     ("LLM4ES", "llm4es"),

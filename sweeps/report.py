@@ -60,10 +60,20 @@ def markdown(columns: list[str], rows: list[dict], spec: SweepSpec, best: dict |
         "",
         f"Best: trial {best['number']}, value {best['value']:.4f}." if best else "No trial completed yet.",
         "",
+        *test_lines(best),
         "| " + " | ".join(columns) + " |",
         "|" + "---|" * len(columns),
     ]
     return "\n".join(head + ["| " + " | ".join(_cell(r[c]) for c in columns) + " |" for r in rows]) + "\n"
+
+
+def test_lines(best: dict | None) -> list[str]:
+    """The best trial's TEST figures, labelled: chosen on VAL, so these are its honest estimate."""
+    metrics = (best or {}).get("test_metrics") or {}
+    if not metrics:
+        return []
+    cells = ", ".join(f"`{k}` {v:.4f}" for k, v in sorted(metrics.items()))
+    return [f"Best trial on TEST users (reported only; no trial was chosen or pruned on these): {cells}.", ""]
 
 
 def best_of(study) -> dict | None:
@@ -72,7 +82,11 @@ def best_of(study) -> dict | None:
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         return None
     t = study.best_trial
-    return {"number": t.number, "value": t.value, "params": t.params, "run_dir": t.user_attrs.get("run_dir"), "metrics": t.user_attrs.get("metrics", {})}
+    return {
+        "number": t.number, "value": t.value, "params": t.params, "run_dir": t.user_attrs.get("run_dir"),
+        "metrics": t.user_attrs.get("metrics", {}),  # VAL users: what the objective and the pruner read
+        "test_metrics": t.user_attrs.get("test_metrics", {}),  # TEST users: reported, never used to choose
+    }
 
 
 def plots(study, study_dir: Path) -> dict[str, str]:

@@ -21,13 +21,15 @@ PARAM_TYPES = ("float", "int", "categorical")
 PRUNERS = ("median", "hyperband", "none")
 SAMPLERS = ("tpe", "random")
 PATH_SUFFIXES = ("path", "_dir")
+MEAN_AUC = "probe_val/mean_auc"
+TEST_GROUPS = ("probe_test/", "downstream_test/")  # metrics of TEST users: reported, never an objective
 SWEEP_KEYS = ("n_trials", "storage", "study", "max_retries", "sweeps_dir")  # command-line keys that are not run-config keys
 
 
 @dataclass
 class Objective:
-    metric: str = "probe/mean_auc"
-    """probe/mean_auc (mean of probe/<t>/auc over the targets), probe/<target>/auc, or val/loss."""
+    metric: str = "probe_val/mean_auc"
+    """probe_val/mean_auc (mean of probe_val/<t>/auc over the targets), probe_val/<target>/auc, or val/loss: VAL users only."""
     direction: str = "maximize"
     """maximize | minimize."""
 
@@ -166,9 +168,11 @@ def parse_spec(raw: Any, name: str, where: str) -> SweepSpec:
     objective = _section(body.pop("objective", None), Objective, f"{where}: objective")
     if objective.direction not in ("maximize", "minimize"):
         raise ConfigError(f"{where}: objective.direction must be maximize or minimize, not {objective.direction!r}")
-    m = objective.metric
-    if not (m in ("probe/mean_auc", "val/loss") or (m.startswith("probe/") and m.endswith("/auc") and m.count("/") == 2)):
-        raise ConfigError(f"{where}: objective.metric {m!r}: use probe/mean_auc, probe/<target>/auc or val/loss")
+    m = str(objective.metric)
+    if m.startswith(TEST_GROUPS):
+        raise ConfigError(f"{where}: objective.metric {m!r}: TEST metrics are only reported, never selected on; use probe_val/...")
+    if not (m in (MEAN_AUC, "val/loss") or (m.startswith("probe_val/") and m.endswith("/auc") and m.count("/") == 2)):
+        raise ConfigError(f"{where}: objective.metric {m!r}: use {MEAN_AUC}, probe_val/<target>/auc or val/loss")
     sampler = _section(body.pop("sampler", None), Sampler, f"{where}: sampler")
     if sampler.name not in SAMPLERS:
         raise ConfigError(f"{where}: sampler.name {sampler.name!r} is not one of {SAMPLERS}")

@@ -3,7 +3,8 @@
 The trial's parameters become `key=value` overrides of the experiment, so a trial is exactly
 the run that `python -m experiments.run experiment=E key=value ...` would make (its
 command.txt says so). Pruning reads a validation metric after every epoch: val/loss, or
-the linear probe's AUC on the validation pass (probe.every_n_epochs=1 is switched on).
+the linear probe's probe_val AUC (probe.every_n_epochs=1 is switched on). Nothing here reads
+TEST metrics except to record them, labelled as such, for the report.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from typing import Any
 import yaml
 
 from experiments.config import ConfigError, compose
-from sweeps.spec import SweepSpec, choice_label
+from sweeps.spec import MEAN_AUC, TEST_GROUPS, SweepSpec, choice_label
 
-PROBE_AUC = "probe/{}/auc"
+VAL_GROUPS = ("probe_val/", "downstream_val/", "val/")  # what a trial records for selection
 
 
 def format_value(value: Any) -> str:
@@ -55,16 +56,16 @@ def suggest(trial, spec: SweepSpec) -> dict[str, Any]:
 
 
 def objective_value(metrics: dict[str, float], metric: str) -> float:
-    """The sweep's objective from a run's metrics (mean_auc: the mean probe AUC over its targets)."""
-    if metric == "probe/mean_auc":
-        aucs = [v for k, v in metrics.items() if k.startswith("probe/") and k.endswith("/auc") and k.count("/") == 2]
+    """The sweep's objective from a run's metrics, VAL users only (mean_auc: the mean probe_val AUC over its targets)."""
+    if metric == MEAN_AUC:
+        aucs = [v for k, v in metrics.items() if k.startswith("probe_val/") and k.endswith("/auc") and k.count("/") == 2]
         if not aucs:
-            raise ConfigError("objective probe/mean_auc: the run has no probe/<target>/auc (no binary/multiclass targets?)")
+            raise ConfigError(f"objective {MEAN_AUC}: the run has no probe_val/<target>/auc (no binary/multiclass targets?)")
         return float(sum(aucs) / len(aucs))
     if metric == "val/loss":
         metric = "val/loss_best" if "val/loss_best" in metrics else metric
     if metric not in metrics:
-        have = sorted(k for k in metrics if k.startswith(("probe/", "val/")))
+        have = sorted(k for k in metrics if k.startswith(("probe_val/", "val/")))
         raise ConfigError(f"objective {metric!r} is not among the run's metrics {have}")
     return float(metrics[metric])
 
@@ -78,8 +79,8 @@ def run_args(spec: SweepSpec, values: dict[str, Any], extra: list[str], study_di
     args += [f"output_dir={study_dir / 'trials'}", f"logger.group={spec.name}"]
     if number is not None:
         args.append(f"run_name={number}")
-    if spec.objective.metric.startswith("probe/") and spec.pruner.name != "none":
-        args.append("probe.every_n_epochs=1")  # the probe's validation AUC is what the pruner watches
+    if spec.objective.metric.startswith("probe_val/") and spec.pruner.name != "none":
+        args.append("probe.every_n_epochs=1")  # the probe's VAL AUC is what the pruner watches
     return args
 
 
@@ -132,7 +133,7 @@ def worker_is_dead(identity: dict[str, Any] | None) -> bool:
 
 
 def make_pruning_callback(trial, metric: str, spec_name: str, labels: dict[str, Any], prune: bool = True):
-    """optuna-integration's pruning callback, fed the probe's per-epoch AUC when the objective is a probe metric.
+    """optuna-integration's pruning callback, fed the probe's per-epoch probe_val AUC when the objective is a probe metric.
 
     With prune=False (pruner: none) it only labels the W&B run and closes it on an exception.
     """
@@ -154,7 +155,7 @@ def make_pruning_callback(trial, metric: str, spec_name: str, labels: dict[str, 
         def on_validation_end(self, trainer, pl_module) -> None:
             if not prune:
                 return
-            if metric.startswith("probe/") and not trainer.sanity_checking:
+            if metric.startswith("probe_val/") and not trainer.sanity_checking:
                 probe = next((c for c in trainer.callbacks if isinstance(c, LinearProbe)), None)
                 if probe is not None and probe.results:
                     trainer.callback_metrics[metric] = torch.tensor(objective_value(probe.results, metric))
@@ -191,7 +192,8 @@ def run_trial(trial, spec: SweepSpec, extra: list[str], study_dir: Path) -> floa
     finally:
         finish_wandb_run()
     value = objective_value(result.metrics, spec.objective.metric)
-    trial.set_user_attr("metrics", {k: v for k, v in result.metrics.items() if k.startswith(("probe/", "val/", "downstream/"))})
+    trial.set_user_attr("metrics", {k: v for k, v in result.metrics.items() if k.startswith(VAL_GROUPS)})
+    trial.set_user_attr("test_metrics", {k: v for k, v in result.metrics.items() if k.startswith(TEST_GROUPS)})
     return value
 
 

@@ -60,11 +60,11 @@ def test_ddp_two_ranks_evaluate_like_one_process(ml100k_cache, tmp_path):
     from omegaconf import OmegaConf
     from safetensors.torch import load_model
 
-    from callbacks.probe import embed_all
     from datamodules.config import DataConfig
     from datamodules.datamodule import EventDataModule
+    from evaluation.embed import embed_all
+    from evaluation.evaluate import evaluate
     from experiments.config import compose, to_dataclass
-    from experiments.run import evaluate
     from experiments.build import build_module
 
     out = tmp_path / "out"
@@ -92,13 +92,13 @@ def test_ddp_two_ranks_evaluate_like_one_process(ml100k_cache, tmp_path):
     assert gathered.shape == single.shape == (len(datamodule.data.store), 16)
     np.testing.assert_allclose(gathered, single, rtol=0, atol=1e-6)
     want = evaluate(cfg, datamodule.data, single)
-    assert set(want) == {k for k in metrics if k.startswith("probe/")}
+    assert set(want) == {k for k in metrics if k.startswith(("probe_val/", "probe_test/"))}
     for key, value in want.items():
         assert metrics[key] == pytest.approx(value, abs=1e-9), key
 
     # the probe callback during training also gathered both ranks' shards: after the only epoch it
     # probed the weights that became best.ckpt, so its numbers are the final ones (logged once each)
-    logged = pl.read_csv(run_dir / "csv" / "metrics.csv").filter(pl.col("probe/gender/auc").is_not_null())
+    logged = pl.read_csv(run_dir / "csv" / "metrics.csv").filter(pl.col("probe_val/gender/auc").is_not_null())
     assert logged.height == 2
-    for key in ("probe/gender/auc", "probe/churn/ks", "probe/occupation/auc"):
+    for key in ("probe_val/gender/auc", "probe_val/churn/ks", "probe_val/occupation/auc"):
         assert logged[key].to_list() == pytest.approx([metrics[key]] * 2, abs=1e-9)

@@ -7,16 +7,9 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from callbacks import downstream
-from callbacks.downstream import (
-    DownstreamMLP,
-    challenge_score,
-    diversity,
-    multilabel_auroc,
-    novelty,
-    popularity_of,
-    train_downstream,
-)
+from evaluation import downstream
+from evaluation.challenge_metrics import challenge_score, diversity, multilabel_auroc, novelty, popularity_of
+from evaluation.downstream import DownstreamMLP, train_downstream
 
 
 @pytest.fixture(autouse=True)
@@ -144,96 +137,101 @@ def test_mlp_shape_and_blocks():
 
 
 def planted(n: int = 1000, d: int = 16, k: int = 6, seed: int = 0, signal: bool = True):
-    """Multi-label targets that are linear in the embedding (signal) or independent of it; half fit, half evaluate."""
+    """Multi-label targets that are linear in the embedding (signal) or independent of it; users 50/25/25 fit/val/test."""
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, d)).astype(np.float32)
     logits = x @ rng.normal(size=(d, k)) if signal else rng.normal(size=(n, k))
     y = (logits + 0.3 * rng.normal(size=(n, k)) > 1.0).astype(np.int8)
-    fit = np.zeros(n, dtype=bool)
-    fit[rng.permutation(n)[: n // 2]] = True
-    return x, y, fit, ~fit
+    part = np.zeros(n, dtype=int)
+    order = rng.permutation(n)
+    part[order[n // 2 : 3 * n // 4]], part[order[3 * n // 4 :]] = 1, 2
+    return x, y, part == 0, part == 1, part == 2
 
 
 def test_learns_planted_multilabel_signal_and_not_noise():
-    x, y, fit, ev = planted()
-    scores = train_downstream(x, y, fit, ev)
-    assert set(scores) == {"auroc", "novelty", "diversity", "score"}
-    assert scores["auroc"] > 0.8
-    assert scores["score"] == pytest.approx(challenge_score(scores["auroc"], scores["novelty"], scores["diversity"]))
+    x, y, fit, val, test = planted()
+    result = train_downstream(x, y, fit, val, test)
+    assert set(result.test) == set(result.val) == {"auroc", "novelty", "diversity", "score"}
+    assert result.test["auroc"] > 0.8 and result.val["auroc"] > 0.8
+    assert result.test["score"] == pytest.approx(challenge_score(result.test["auroc"], result.test["novelty"], result.test["diversity"]))
     noise = train_downstream(*planted(signal=False))
-    assert abs(noise["auroc"] - 0.5) < 0.07
+    assert abs(noise.test["auroc"] - 0.5) < 0.07
+    assert train_downstream(x, y, fit, val).test is None  # no TEST users asked for: none scored
 
 
 def test_deterministic_for_a_seed():
-    x, y, fit, ev = planted(n=600)
+    x, y, fit, val, test = planted(n=600)
     torch.manual_seed(123)
-    a = train_downstream(x, y, fit, ev, width=32, seed=3)
+    a = train_downstream(x, y, fit, val, test, width=32, seed=3)
     torch.manual_seed(999)  # the caller's global RNG neither matters ...
     state = torch.get_rng_state()
-    assert train_downstream(x, y, fit, ev, width=32, seed=3) == a
+    assert train_downstream(x, y, fit, val, test, width=32, seed=3) == a
     assert torch.equal(torch.get_rng_state(), state)  # ... nor is it touched
-    assert train_downstream(x, y, fit, ev, width=32, seed=4)["auroc"] != a["auroc"]
+    assert train_downstream(x, y, fit, val, test, width=32, seed=4).test["auroc"] != a.test["auroc"]
 
 
 @pytest.mark.parametrize("binary", [False, True])
-def test_evaluate_labels_are_never_used(binary):
-    # Flipping the labels of the evaluate users leaves the trained head unchanged, so each column's
-    # AUROC becomes exactly 1 - AUROC; novelty/diversity (predictions only) stay identical.
-    x, y, fit, ev = planted(n=600)
+def test_test_labels_are_never_used(binary):
+    # Flipping the labels of the TEST users leaves the chosen epoch and its head unchanged: VAL metrics
+    # are identical, each TEST column's AUROC becomes exactly 1 - AUROC, novelty/diversity stay.
+    x, y, fit, val, test = planted(n=600)
     if binary:
         y = y[:, 0]
     flipped = y.copy()
-    flipped[ev] = 1 - flipped[ev]
-    a = train_downstream(x, y, fit, ev, width=32)
-    b = train_downstream(x, flipped, fit, ev, width=32)
-    assert b["auroc"] == pytest.approx(1 - a["auroc"], abs=1e-12)
-    assert {k: v for k, v in a.items() if k in ("novelty", "diversity")} == {
-        k: v for k, v in b.items() if k in ("novelty", "diversity")
+    flipped[test] = 1 - flipped[test]
+    a = train_downstream(x, y, fit, val, test, width=32, epochs=4)
+    b = train_downstream(x, flipped, fit, val, test, width=32, epochs=4)
+    assert (a.val, a.best_epoch) == (b.val, b.best_epoch)
+    assert b.test["auroc"] == pytest.approx(1 - a.test["auroc"], abs=1e-12)
+    assert {k: v for k, v in a.test.items() if k in ("novelty", "diversity")} == {
+        k: v for k, v in b.test.items() if k in ("novelty", "diversity")
     }
 
 
-def test_users_outside_both_masks_are_ignored():
-    x, y, fit, ev = planted(n=600)
-    ev[:100] = False
-    fit[:100] = False
-    a = train_downstream(x, y, fit, ev, width=32)
+def test_users_outside_the_masks_are_ignored():
+    x, y, fit, val, test = planted(n=600)
+    for mask in (fit, val, test):
+        mask[:100] = False
+    a = train_downstream(x, y, fit, val, test, width=32)
     x2, y2 = x.copy(), y.copy()
     x2[:100] = 1e6  # would wreck the standardisation if those rows counted
     y2[:100] = -1  # unlabelled
-    assert train_downstream(x2, y2, fit, ev, width=32) == a
+    assert train_downstream(x2, y2, fit, val, test, width=32) == a
 
 
 def test_binary_mode():
-    x, y, fit, ev = planted()
-    scores = train_downstream(x, y[:, 0], fit, ev)
-    assert set(scores) == {"auroc"}
-    assert scores["auroc"] > 0.8
+    x, y, fit, val, test = planted()
+    result = train_downstream(x, y[:, 0], fit, val, test)
+    assert set(result.test) == {"auroc"}
+    assert result.test["auroc"] > 0.8
 
 
 def test_keeps_the_best_validation_epoch(monkeypatch):
     # Training does not depend on validation, so the epoch-1 head of a 3-epoch run is the head of a 1-epoch run.
-    x, y, fit, ev = planted(n=600)
-    one_epoch = train_downstream(x, y, fit, ev, width=32, epochs=1)
+    x, y, fit, val, test = planted(n=600)
+    one_epoch = train_downstream(x, y, fit, val, test, width=32, epochs=1)
 
     def fake(values):
         it = iter(values)
         return lambda logits, y, popularity: next(it)
 
     monkeypatch.setattr(downstream, "_selection_score", fake([0.9, 0.1, 0.5]))
-    assert train_downstream(x, y, fit, ev, width=32, epochs=3) == one_epoch
+    first = train_downstream(x, y, fit, val, test, width=32, epochs=3)
+    assert (first.test, first.val, first.best_epoch) == (one_epoch.test, one_epoch.val, 0)
     monkeypatch.setattr(downstream, "_selection_score", fake([0.1, 0.5, 0.9]))
-    assert train_downstream(x, y, fit, ev, width=32, epochs=3) != one_epoch  # the last epoch, a different head
+    last = train_downstream(x, y, fit, val, test, width=32, epochs=3)
+    assert last.test != one_epoch.test and last.best_epoch == 2  # the last epoch, a different head
 
 
 def test_bad_inputs_raise():
-    x, y, fit, ev = planted(n=100)
-    with pytest.raises(ValueError, match="both fit and evaluate"):
+    x, y, fit, val, test = planted(n=100)
+    with pytest.raises(ValueError, match="more than one of"):
         train_downstream(x, y, fit, fit)
-    with pytest.raises(ValueError, match="val_fraction"):
-        train_downstream(x, y, fit, ev, val_fraction=0.0)
+    with pytest.raises(ValueError, match="val: no users selected"):
+        train_downstream(x, y, fit, np.zeros(len(x), dtype=bool))
     bad = y.copy()
-    bad[np.flatnonzero(ev)[0], 0] = 2
+    bad[np.flatnonzero(test)[0], 0] = 2
     with pytest.raises(ValueError, match="0 or 1"):
-        train_downstream(x, bad, fit, ev)
+        train_downstream(x, bad, fit, val, test)
     with pytest.raises(ValueError, match="only used by multi-label"):
-        train_downstream(x, y[:, 0], fit, ev, popularity=np.ones(6))
+        train_downstream(x, y[:, 0], fit, val, popularity=np.ones(6))

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from datamodules.handcrafted import handcrafted_features, random_embeddings
 from datamodules.sequences import SequenceStore
+from evaluation.baselines import random_embeddings
+from evaluation.handcrafted import handcrafted_features
 
 D = 86_400
 

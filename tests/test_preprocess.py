@@ -174,19 +174,6 @@ def test_static_and_future_targets(tmp_path, csv_data):
     assert (targets["age"].labels == (ages > np.median(ages))).all()
 
 
-def test_target_split_is_stratified_and_seeded(tmp_path, csv_data):
-    events, labels = csv_data
-    p = prepare(generic_config(events, labels, tmp_path / "cache"))
-    (t,) = p.targets
-    for cls in (0, 1):
-        rows = t.labels == cls
-        assert abs((t.split[rows] == 0).sum() - (t.split[rows] == 1).sum()) <= 1
-    again = prepare(generic_config(events, labels, tmp_path / "cache"))
-    assert (again.targets[0].split == t.split).all()
-    other = prepare(generic_config(events, labels, tmp_path / "cache2"), seed=1)
-    assert not (other.targets[0].split == t.split).all()
-
-
 def test_ml100k_source(ml100k_cache):
     from experiments.config import compose, to_dataclass
     from datamodules.config import DataConfig
@@ -222,4 +209,3 @@ def test_event_type_filtered_churn_and_multilabel_propensity(tmp_path, csv_data)
         bought = set(window.filter(pl.col("client") == u)["merchant"])
         assert churn.labels[i] == (0 if bought else 1)
         assert multi.labels[i].tolist() == [int(m in bought) for m in multi.classes]
-    assert sorted(np.unique(multi.split).tolist()) == [0, 1]

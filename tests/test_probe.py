@@ -1,4 +1,4 @@
-"""Probe metrics against sklearn/scipy, the probe on synthetic embeddings, and the callback inside a real Trainer."""
+"""Probe metrics against sklearn/scipy, the FIT/VAL/TEST split, the probe on synthetic embeddings, the callback in a real Trainer."""
 
 from __future__ import annotations
 
@@ -12,10 +12,13 @@ from lightning.pytorch.loggers import CSVLogger
 from scipy.stats import ks_2samp
 from sklearn.metrics import roc_auc_score
 
-from callbacks.metrics import ks_statistic, macro_ovr, roc_auc
-from callbacks.probe import LinearProbe, embed_all, probe_embeddings
+from callbacks.probe import LinearProbe
 from datamodules.sequences import Collator, LengthBucketBatchSampler, SequenceStore, UserIndexDataset
-from datamodules.targets import EVAL, FIT, UNLABELLED, Target
+from datamodules.targets import Target
+from evaluation.embed import embed_all
+from evaluation.metrics import ks_statistic, macro_ovr, roc_auc
+from evaluation.probe import CV_GRID, probe_embeddings
+from evaluation.splits import FIT, TEST, UNLABELLED, VAL, check_fractions, user_split
 
 
 # ---------------------------------------------------------------- metrics
@@ -59,14 +62,41 @@ def test_one_class_raises():
         macro_ovr(np.full(5, 2), np.full((5, 3), 1 / 3), roc_auc)
 
 
+# ---------------------------------------------------------------- FIT/VAL/TEST split
+
+
+def test_user_split_is_stratified_seeded_and_cut_at_the_fractions():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(-1, 3, 1001)  # -1: unlabelled
+    split = user_split(labels, seed=0, name="t", fractions=(0.5, 0.25, 0.25))
+    assert (split[labels == -1] == UNLABELLED).all()
+    for cls in (0, 1, 2):
+        n = int((labels == cls).sum())
+        counts = [int((split[labels == cls] == part).sum()) for part in (FIT, VAL, TEST)]
+        assert counts == [round(0.5 * n), round(0.75 * n) - round(0.5 * n), n - round(0.75 * n)]
+    assert (user_split(labels, 0, "t") == split).all()  # the default fractions, and seeded
+    assert not (user_split(labels, 1, "t") == split).all()
+    assert not (user_split(labels, 0, "other") == split).all()
+    # new fractions move the cuts only: FIT stays when only VAL/TEST change
+    moved = user_split(labels, 0, "t", (0.5, 0.1, 0.4))
+    assert ((moved == FIT) == (split == FIT)).all() and (moved[split == TEST] == TEST).all()
+    multilabel = user_split(rng.integers(0, 2, (40, 3)), 0, "m")
+    assert [int((multilabel == p).sum()) for p in (FIT, VAL, TEST)] == [20, 10, 10]
+
+
+@pytest.mark.parametrize("bad", [(0.5, 0.5), (0.5, 0.6, -0.1), (0.5, 0.25, 0.3), ("a", 0, 1)])
+def test_bad_split_fractions_name_the_key(bad):
+    with pytest.raises(ValueError, match=r"^probe\.split: expected three"):
+        check_fractions(bad)
+
+
 # ---------------------------------------------------------------- probe_embeddings
 
 
 def make_target(name: str, labels: np.ndarray, kind: str, n_classes: int, seed: int = 0) -> Target:
     rng = np.random.default_rng(seed)
-    split = rng.choice([FIT, EVAL, UNLABELLED], size=len(labels), p=[0.5, 0.4, 0.1]).astype(np.int8)
-    labels = np.where(split == UNLABELLED, -1, labels).astype(np.int64)
-    return Target(name=name, kind=kind, labels=labels, classes=[str(k) for k in range(n_classes)], split=split)
+    labels = np.where(rng.random(len(labels)) < 0.1, -1, labels).astype(np.int64)  # some users unlabelled
+    return Target(name=name, kind=kind, labels=labels, classes=[str(k) for k in range(n_classes)])
 
 
 def test_probe_separable_vs_noise_and_keys():
@@ -81,39 +111,56 @@ def test_probe_separable_vs_noise_and_keys():
     signal[:, 1:4] += 4 * np.eye(3)[ym]
 
     good = probe_embeddings(signal, [binary, multi])
-    assert set(good) == {"probe/churn/auc", "probe/churn/ks", "probe/segment/auc", "probe/segment/ks"}
+    assert set(good) == {f"probe_{p}/{t}/{m}" for p in ("val", "test") for t in ("churn", "segment") for m in ("auc", "ks")}
     assert all(isinstance(v, float) for v in good.values())
-    assert good["probe/churn/auc"] > 0.9 and good["probe/segment/auc"] > 0.9
-    assert good["probe/churn/ks"] > 0.7 and good["probe/segment/ks"] > 0.7
+    for part in ("val", "test"):
+        assert good[f"probe_{part}/churn/auc"] > 0.9 and good[f"probe_{part}/segment/auc"] > 0.9
+        assert good[f"probe_{part}/churn/ks"] > 0.7 and good[f"probe_{part}/segment/ks"] > 0.7
 
-    chance = probe_embeddings(noise, [binary, multi])
-    assert abs(chance["probe/churn/auc"] - 0.5) < 0.1
-    assert abs(chance["probe/segment/auc"] - 0.5) < 0.1
-    assert chance["probe/churn/ks"] < 0.2
+    chance = probe_embeddings(noise, [binary, multi], parts=("test",))
+    assert set(chance) == {f"probe_test/{t}/{m}" for t in ("churn", "segment") for m in ("auc", "ks")}
+    assert abs(chance["probe_test/churn/auc"] - 0.5) < 0.1
+    assert abs(chance["probe_test/segment/auc"] - 0.5) < 0.1
+    assert chance["probe_test/churn/ks"] < 0.2
 
 
 def test_probe_uses_only_fit_rows_for_training():
-    # Labels are readable from the embedding on EVAL rows only if the probe was trained on FIT rows;
-    # FIT rows carry the flipped relation, so leaking EVAL into training would not give AUC near 0.
+    # Labels are readable from the embedding on VAL/TEST rows only if the probe was trained on FIT rows;
+    # FIT rows carry the flipped relation, so leaking VAL or TEST into training would not give AUC near 0.
     rng = np.random.default_rng(0)
     n = 1000
-    y = rng.integers(0, 2, n)
-    t = make_target("t", y, "binary", 2)
+    t = make_target("t", rng.integers(0, 2, n), "binary", 2)
+    split = user_split(t.labels, 0, "t")
     x = rng.normal(size=(n, 2)).astype(np.float32)
-    x[:, 0] += np.where(t.split == FIT, 3 * y, 3 * (1 - y))
-    assert probe_embeddings(x, [t])["probe/t/auc"] < 0.1
+    x[:, 0] += np.where(split == FIT, 3 * t.labels, 3 * (1 - t.labels))
+    out = probe_embeddings(x, [t])
+    assert out["probe_val/t/auc"] < 0.1 and out["probe_test/t/auc"] < 0.1
+
+
+def test_val_only_probe_never_touches_test_users():
+    # TEST users' embeddings are NaN: asking for VAL alone works (and gives the same VAL numbers), asking for TEST fails.
+    rng = np.random.default_rng(1)
+    n = 600
+    t = make_target("t", rng.integers(0, 2, n), "binary", 2)
+    x = rng.normal(size=(n, 4))
+    x[:, 0] += t.labels
+    both = probe_embeddings(x, [t])
+    x[user_split(t.labels, 0, "t") == TEST] = np.nan
+    assert probe_embeddings(x, [t], parts=("val",)) == {k: v for k, v in both.items() if k.startswith("probe_val/")}
+    with pytest.raises(ValueError, match=r"'t'.*FIT/VAL/TEST users hold"):
+        probe_embeddings(x, [t])
+    with pytest.raises(ValueError, match="parts"):
+        probe_embeddings(x, [t], parts=("eval",))
 
 
 @pytest.mark.parametrize("C", [None, 0.05])
 def test_probe_matches_sklearn_fit_on_fit_rows_only(C):
-    # The reported AUC equals a pipeline fitted by hand on FIT rows; with C=None that includes
-    # choosing C by CV on FIT rows, so changing EVAL labels cannot change the fitted probe.
+    # The reported AUCs equal a pipeline fitted by hand on FIT rows; with C=None that includes
+    # choosing C by CV on FIT rows.
     from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
     from sklearn.model_selection import StratifiedKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
-
-    from callbacks.probe import CV_GRID
 
     rng = np.random.default_rng(3)
     n = 600
@@ -121,24 +168,25 @@ def test_probe_matches_sklearn_fit_on_fit_rows_only(C):
     x = rng.normal(size=(n, 20)).astype(np.float32)
     x[:, 0] += 0.8 * y
     t = make_target("t", y, "binary", 2)
-    fit, ev = t.split == FIT, t.split == EVAL
+    split = user_split(t.labels, 0, "t", (0.6, 0.2, 0.2))
+    fit = split == FIT
     if C is None:
         folds = StratifiedKFold(5, shuffle=True, random_state=0)
         head = LogisticRegressionCV(Cs=CV_GRID, l1_ratios=(0.0,), cv=folds, scoring="roc_auc", max_iter=1000, random_state=0, use_legacy_attributes=False)
     else:
         head = LogisticRegression(C=C, max_iter=1000, random_state=0)
     model = make_pipeline(StandardScaler(), head).fit(x[fit], t.labels[fit])
-    expected = roc_auc_score(t.labels[ev], model.predict_proba(x[ev])[:, 1])
-    assert probe_embeddings(x, [t], C=C)["probe/t/auc"] == pytest.approx(expected)
-    flipped = Target("t", "binary", np.where(ev, 1 - t.labels, t.labels), t.classes, t.split)
-    assert probe_embeddings(x, [flipped], C=C)["probe/t/auc"] == pytest.approx(1 - expected)
+    out = probe_embeddings(x, [t], (0.6, 0.2, 0.2), C=C)
+    for part, code in (("val", VAL), ("test", TEST)):
+        rows = split == code
+        assert out[f"probe_{part}/t/auc"] == pytest.approx(roc_auc_score(t.labels[rows], model.predict_proba(x[rows])[:, 1]))
 
 
 def test_probe_non_finite_raises_with_target_and_count():
     rng = np.random.default_rng(0)
     t = make_target("churn", rng.integers(0, 2, 200), "binary", 2)
     x = rng.normal(size=(200, 4))
-    rows = np.flatnonzero(t.split == FIT)[:3]
+    rows = np.flatnonzero(user_split(t.labels, 0, "churn") == FIT)[:3]
     x[rows, 1] = np.nan
     x[rows[0], 2] = np.inf
     with pytest.raises(ValueError, match=r"'churn'.* 4 non-finite"):
@@ -255,18 +303,18 @@ def run_probe_fit(tmp_path, every_n_epochs: int | None, max_epochs: int) -> tupl
     return probe, rows
 
 
-def test_linear_probe_logs_at_fit_end(tmp_path):
+def test_linear_probe_logs_val_only_at_fit_end(tmp_path):
     probe, rows = run_probe_fit(tmp_path, every_n_epochs=None, max_epochs=1)
-    assert set(probe.results) == {"probe/long/auc", "probe/long/ks"}
+    assert set(probe.results) == {"probe_val/long/auc", "probe_val/long/ks"}  # never TEST
     assert probe.embeddings is not None and probe.embeddings.shape == (200, 4)
-    logged = [r for r in rows if r.get("probe/long/auc")]
-    assert len(logged) == 1
-    assert float(logged[0]["probe/long/auc"]) == pytest.approx(probe.results["probe/long/auc"])
-    assert float(logged[0]["probe/long/ks"]) == pytest.approx(probe.results["probe/long/ks"])
-    assert probe.results["probe/long/auc"] > 0.9  # the label is a threshold on a feature the model sees
+    logged = [r for r in rows if r.get("probe_val/long/auc")]
+    assert len(logged) == 1 and not any(k.startswith("probe_test/") for k in rows[0])
+    assert float(logged[0]["probe_val/long/auc"]) == pytest.approx(probe.results["probe_val/long/auc"])
+    assert float(logged[0]["probe_val/long/ks"]) == pytest.approx(probe.results["probe_val/long/ks"])
+    assert probe.results["probe_val/long/auc"] > 0.9  # the label is a threshold on a feature the model sees
 
 
 def test_linear_probe_every_n_epochs_skips_sanity_check(tmp_path):
     _, rows = run_probe_fit(tmp_path, every_n_epochs=1, max_epochs=2)
-    logged = [r for r in rows if r.get("probe/long/auc")]
+    logged = [r for r in rows if r.get("probe_val/long/auc")]
     assert len(logged) == 3  # end of validation epochs 0 and 1, then fit end; not the sanity check

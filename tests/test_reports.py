@@ -19,12 +19,12 @@ def fake_run(root, experiment, metrics, command):
 def test_section_rows_sums_commands_and_verdict(tmp_path):
     section = reports.Section(
         title="toy", data_note="note", rows=[("A", "exp_a"), ("B", "exp_b"), ("ensemble", "exp_e"), ("C", "exp_c")],
-        columns=[reports.Column("x", "probe/x/auc"), reports.Column("y", "probe/y/auc")], baselines_from="exp_a",
+        columns=[reports.Column("x", "probe_test/x/auc"), reports.Column("y", "probe_test/y/auc")], baselines_from="exp_a",
     )
-    fake_run(tmp_path, "exp_a", {"probe/x/auc": 0.6, "probe/y/auc": 0.7, "baseline/handcrafted/probe/x/auc": 0.5,
-                                 "baseline/handcrafted/probe/y/auc": 0.55}, "python -m experiments.run experiment=exp_a")
-    fake_run(tmp_path, "exp_b", {"probe/x/auc": 0.65, "probe/y/auc": 0.75}, "python -m experiments.run experiment=exp_b")
-    fake_run(tmp_path, "exp_e", {"probe/x/auc": 0.66, "probe/y/auc": 0.7}, "python -m experiments.run experiment=exp_e")
+    fake_run(tmp_path, "exp_a", {"probe_test/x/auc": 0.6, "probe_test/y/auc": 0.7, "baseline/handcrafted/probe_test/x/auc": 0.5,
+                                 "baseline/handcrafted/probe_test/y/auc": 0.55}, "python -m experiments.run experiment=exp_a")
+    fake_run(tmp_path, "exp_b", {"probe_test/x/auc": 0.65, "probe_test/y/auc": 0.75}, "python -m experiments.run experiment=exp_b")
+    fake_run(tmp_path, "exp_e", {"probe_test/x/auc": 0.66, "probe_test/y/auc": 0.7}, "python -m experiments.run experiment=exp_e")
     report = reports.Report(title="t", intro="i", sections=[section], paper="p", single_rows=["A", "B", "handcrafted"],
                             claims=[("B", "A"), ("A", "B"), ("A", "C")])
     text = "\n".join(reports.section_table(section, tmp_path, report))

@@ -68,8 +68,8 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, ml100k_cac
     finish(launch(tiny_args(out, ml100k_cache) + ["resume=true"]))
     straight = json.loads((out / "gru_ae_ml100k" / "straight" / "metrics.json").read_text())
     resumed = json.loads((run_dir / "metrics.json").read_text())
-    compared = [k for k in straight if k.startswith(("probe/", "val/loss"))]
-    assert len(compared) >= 9  # 4 targets x (auc, ks) + val/loss, val/loss_best
+    compared = [k for k in straight if k.startswith(("probe_val/", "probe_test/", "val/loss"))]
+    assert len(compared) >= 18  # (val, test) x 4 targets x (auc, ks) + val/loss, val/loss_best
     for key in compared:
         assert resumed[key] == pytest.approx(straight[key], abs=1e-5), key
     a = np.stack(pl.read_parquet(out / "gru_ae_ml100k" / "straight" / "embeddings.parquet")["embedding"].to_numpy())

@@ -53,7 +53,7 @@ def test_every_experiment_smoke_runs(name, csv_data, ml100k_cache, recsys_dir, r
         cfg = compose(args + [f"model.output_dir={out}"])
     result = run(cfg)
     for t in cfg.data.targets:
-        key = f"downstream/{t.name}/score" if t.kind == "propensity_top" else f"probe/{t.name}/auc"
+        key = f"downstream_test/{t.name}/score" if t.kind == "propensity_top" else f"probe_test/{t.name}/auc"
         assert np.isfinite(result.metrics[key]), key
     assert (result.run_dir / "metrics.json").is_file() and (result.run_dir / "embeddings.parquet").is_file()
 
@@ -67,22 +67,23 @@ def test_full_run_outputs_and_wandb_summary(csv_data, tmp_path):
     run_dir = tmp_path / "out" / "gru_ae_generic_csv" / "r1"
     assert result.run_dir == run_dir
     # W&B: the offline run holds the probe metrics, read back from its summary before it finished;
-    # probe/* summarise as their maximum (here logged once), the baselines as their last value
-    for key in ("probe/segment/auc", "probe/segment/ks", "probe/churn/auc"):
+    # probe_val/* summarise as their maximum (here logged once), TEST and baseline keys as their last value
+    for key in ("probe_val/segment/auc", "probe_val/segment/ks", "probe_val/churn/auc"):
         assert result.wandb_summary[key] == {"max": pytest.approx(result.metrics[key])}
-    key = "baseline/handcrafted/probe/segment/auc"
+    assert result.wandb_summary["probe_test/segment/auc"] == pytest.approx(result.metrics["probe_test/segment/auc"])
+    key = "baseline/handcrafted/probe_test/segment/auc"
     assert result.wandb_summary[key] == pytest.approx(result.metrics[key])
     assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["probe/segment/auc"] == result.metrics["probe/segment/auc"]
-    assert 0.0 <= metrics["probe/segment/ks"] <= 1.0
+    assert metrics["probe_test/segment/auc"] == result.metrics["probe_test/segment/auc"]
+    assert 0.0 <= metrics["probe_test/segment/ks"] <= 1.0
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["model"]["hidden"] == 16 and config["data"]["path"] == str(events)
     emb = pl.read_parquet(run_dir / "embeddings.parquet")
     assert emb.height == 40 and emb["embedding"].dtype == pl.Array(pl.Float32, 16)
     assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "model.safetensors").is_file()
     csv_metrics = pl.read_csv(run_dir / "csv" / "metrics.csv")
-    assert "probe/segment/auc" in csv_metrics.columns and "val/loss" in csv_metrics.columns
+    assert "probe_test/segment/auc" in csv_metrics.columns and "val/loss" in csv_metrics.columns
 
 
 def test_same_seed_same_metrics(csv_data, tmp_path):
@@ -90,7 +91,7 @@ def test_same_seed_same_metrics(csv_data, tmp_path):
             "model.hidden=16", "model.emb_dim=8"] + data_args("generic", csv_data, None, tmp_path)
     a = run(compose(base + ["run_name=a"])).metrics
     b = run(compose(base + ["run_name=b"])).metrics
-    assert a["probe/churn/auc"] == b["probe/churn/auc"] and a["val/loss"] == b["val/loss"]
+    assert a["probe_test/churn/auc"] == b["probe_test/churn/auc"] and a["val/loss"] == b["val/loss"]
 
 
 def test_bad_data_leaves_no_run_directory(tmp_path, capsys):

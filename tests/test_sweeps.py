@@ -35,7 +35,7 @@ TINY = {
 def tiny_sweep(tmp_path: Path, **changes) -> Path:
     spec = {
         "experiment": "gru_ae_ml100k",
-        "objective": {"metric": "probe/mean_auc", "direction": "maximize"},
+        "objective": {"metric": "probe_val/mean_auc", "direction": "maximize"},
         "space": {
             "model.hidden": {"type": "categorical", "choices": [8, 16]},
             "model.lr": {"type": "float", "low": 1e-5, "high": 3e-2, "log": True},
@@ -70,7 +70,10 @@ def test_presets_parse_and_compose(tmp_path):
         ({"space": {"data.path": {"type": "categorical", "choices": ["a", "b"]}}}, "'data.path' is path-valued"),
         ({"space": {"model.dropout": {"type": "float", "low": 0, "high": 1, "condition": {"model.layers": [2]}}}},
          "condition names 'model.layers', which is not a parameter listed before it"),
-        ({"objective": {"metric": "probe/gender/ks"}}, "objective.metric 'probe/gender/ks'"),
+        ({"objective": {"metric": "probe_val/gender/ks"}}, "objective.metric 'probe_val/gender/ks'"),
+        ({"objective": {"metric": "probe/gender/auc"}}, "objective.metric 'probe/gender/auc': use probe_val/mean_auc"),
+        ({"objective": {"metric": "probe_test/gender/auc"}}, "objective.metric 'probe_test/gender/auc': TEST metrics are only reported"),
+        ({"objective": {"metric": "downstream_test/c/score"}}, "objective.metric 'downstream_test/c/score': TEST metrics"),
         ({"pruner": {"name": "median", "params": {"n_startup": 1}}}, None),  # caught when the pruner is built
     ],
 )
@@ -151,6 +154,10 @@ def test_in_process_sweep_conditional_params_wandb_and_report(tmp_path, ml100k_c
         assert logged["trial_params"] == t.params
     best = json.loads((out / "inproc" / "best.json").read_text())
     assert best["value"] == pytest.approx(study.best_value) and best["number"] == study.best_trial.number
+    # the best trial's TEST figures are shown apart from what it was chosen on, and labelled
+    assert set(best["test_metrics"]) == {f"probe_test/{t}/{m}" for t in ("gender", "age", "occupation", "churn") for m in ("auc", "ks")}
+    assert not any(k.startswith("probe_test/") for k in best["metrics"])
+    assert "Best trial on TEST users (reported only" in (out / "inproc" / "trials.md").read_text()
     assert list((out / "inproc" / "wandb").glob("offline-run-*/run-*.wandb"))  # the summary run
     # resuming a finished study runs nothing more
     assert main([f"sweep={sweep}", "study=inproc", f"sweeps_dir={out}", f"data.cache_dir={ml100k_cache}"]) == 0

@@ -11,7 +11,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from callbacks.wandb_report import evaluation_rows, pca_2d
+from experiments.loggers import evaluation_rows, pca_2d
 from experiments.config import compose
 from experiments.run import run
 
@@ -39,15 +39,21 @@ def test_every_run_logs_the_dashboard_structure(ml100k_cache, tmp_path):
     assert {k: config[k] for k in ("method", "dataset", "experiment")} == {
         "method": "gru_autoencoder", "dataset": "ml100k", "experiment": "gru_ae_ml100k"}
 
-    # probe keys summarised as max, each defined by its exact name before it was logged (wandb-core
+    # probe_val keys summarised as max, each defined by its exact name before it was logged (wandb-core
     # chooses among matching globs at random, so a "probe/*" glob lost to Lightning's "*" now and then)
-    probe_defs = [m for m in by_type["metric"] if m.get("name") == "probe/gender/auc"]
+    probe_defs = [m for m in by_type["metric"] if m.get("name") == "probe_val/gender/auc"]
     assert probe_defs and all(m["summary"] == {"max": True} and m["step_metric"] == "trainer/global_step" for m in probe_defs)
     # ... and wandb-core applied it: the summary holds the best of the three probes (2 epochs + final)
-    logged = pl.read_csv(result.run_dir / "csv" / "metrics.csv")["probe/gender/auc"].drop_nulls()
+    csv_metrics = pl.read_csv(result.run_dir / "csv" / "metrics.csv")
+    logged = csv_metrics["probe_val/gender/auc"].drop_nulls()
     assert logged.len() == 3
-    assert result.wandb_summary["probe/gender/auc"] == {"max": pytest.approx(logged.max())}
-    assert result.wandb_summary["baseline/random/probe/gender/auc"] == pytest.approx(result.metrics["baseline/random/probe/gender/auc"])
+    assert result.wandb_summary["probe_val/gender/auc"] == {"max": pytest.approx(logged.max())}
+    # TEST numbers are logged once, at the end, and summarised as that value (no max over epochs)
+    assert csv_metrics["probe_test/gender/auc"].drop_nulls().len() == 1
+    assert not [m for m in by_type["metric"] if m.get("name") == "probe_test/gender/auc"]
+    assert result.wandb_summary["probe_test/gender/auc"] == pytest.approx(result.metrics["probe_test/gender/auc"])
+    key = "baseline/random/probe_test/gender/auc"
+    assert result.wandb_summary[key] == pytest.approx(result.metrics[key])
 
     # one history step with the table, a ROC image per binary target and the projection
     (media,) = [h["item"] for h in by_type["history"] if "eval/table._type" in h["item"]]
@@ -65,15 +71,16 @@ def test_every_run_logs_the_dashboard_structure(ml100k_cache, tmp_path):
     table = json.loads(table_file.read_text())
     assert table["columns"] == ["row", "evaluation", "target", "metric", "value"]
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
-    assert len(table["data"]) == 2 * 4 * 2  # rows (method, random) x targets x (auc, ks)
+    assert len(table["data"]) == 2 * 2 * 4 * 2  # rows (method, random) x (val, test) x targets x (auc, ks)
     for row, evaluation, target, metric, value in table["data"]:
         prefix = "" if row == "gru_autoencoder" else f"baseline/{row}/"
         assert value == pytest.approx(metrics[f"{prefix}{evaluation}/{target}/{metric}"])
 
 
 def test_evaluation_rows_and_projection():
-    rows = {"m": {"probe/g/auc": 0.7, "downstream/c/score": 0.5}, "baseline/random": {"probe/g/auc": 0.5}}
-    assert evaluation_rows(rows) == [["m", "probe", "g", "auc", 0.7], ["m", "downstream", "c", "score", 0.5], ["random", "probe", "g", "auc", 0.5]]
+    rows = {"m": {"probe_test/g/auc": 0.7, "downstream_val/c/score": 0.5}, "baseline/random": {"probe_test/g/auc": 0.5}}
+    assert evaluation_rows(rows) == [
+        ["m", "probe_test", "g", "auc", 0.7], ["m", "downstream_val", "c", "score", 0.5], ["random", "probe_test", "g", "auc", 0.5]]
     rng = np.random.default_rng(0)
     t = rng.normal(size=300)
     x = np.outer(t, [3.0, 0.0, 4.0]) + 0.01 * rng.normal(size=(300, 3))  # one dominant direction

@@ -1,7 +1,6 @@
-"""Baselines every results table is compared with: hand-made per-user aggregates and random vectors.
+"""The handcrafted baseline: per-user aggregates an analyst would write in an afternoon.
 
-A learned embedding is only interesting if its probe beats the aggregates an analyst would
-write in an afternoon (counts, recency, category mix); random vectors show the chance level.
+A learned embedding is only interesting if its probe beats these (counts, recency, category mix).
 Everything is computed on the store's flat arrays, so it scales like the data, not the users.
 """
 
@@ -90,8 +89,3 @@ def handcrafted_features(
         names.extend([f"mean/{field}", f"std/{field}"])
 
     return np.hstack(blocks), names
-
-
-def random_embeddings(n_users: int, dim: int, seed: int) -> np.ndarray:
-    """Standard-normal float32 [n_users, dim]: the chance-level row of every table, same vectors per seed."""
-    return np.random.default_rng(seed).standard_normal((n_users, dim), dtype=np.float32)

@@ -1,4 +1,4 @@
-"""Probe metrics in plain numpy, so callbacks and reports import them without sklearn or torch."""
+"""Probe metrics in plain numpy (ROC-AUC, KS, macro one-vs-rest), so any module imports them without sklearn or torch."""
 
 from __future__ import annotations
 

@@ -1,38 +1,72 @@
-"""What every run puts on the W&B dashboard, so one workspace compares methods and datasets.
+"""The run's loggers (W&B offline + CSV) and what every run puts on the W&B dashboard.
 
-Every run logs the same structure: config keys `method`, `dataset`, `experiment`; `probe/*`
-metrics whose summary is their maximum; a table of the final evaluation (the method and the
-baselines); a ROC curve per binary target; a 2-D PCA projection of the embeddings. The images
-are also written to `<run>/plots/`. docs/wandb.md says which panels to build from them.
+Every run logs the same structure: config keys `method`, `dataset`, `experiment`; per-epoch
+`probe_val/*` metrics whose summary is their maximum; a table of the final evaluation (the
+method and the baselines); a ROC curve per binary target on its TEST users; a 2-D PCA
+projection of the embeddings. The images are also written to `<run>/plots/`. docs/wandb.md
+says which panels to build from them. Heavy libraries are imported inside the functions.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from omegaconf import DictConfig, OmegaConf
 
 from datamodules.atomic import atomic_write
-from datamodules.targets import Target
+
+if TYPE_CHECKING:
+    from datamodules.targets import Target
 
 STEP = "trainer/global_step"  # the x axis Lightning's WandbLogger defines for every metric ("*")
-PROBE_PREFIX = "probe/"
+MAX_KEYS_PREFIX = "probe_val/"  # logged every N epochs by the probe callback: the summary keeps the best
 MAX_POINTS = 5000  # users drawn in the projection; more only blurs the picture
 
 
-def log_metrics(logger: Any, metrics: dict[str, float], step: int) -> None:
-    """logger.log_metrics(metrics, step), defining each probe/* key by its exact name on a W&B run first.
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
+    """WandbLogger (offline unless WANDB_MODE says otherwise) and CSVLogger, as the config asks."""
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
-    The probe summary is the maximum over the run. A "probe/*" glob cannot promise that:
-    wandb-core (0.31) picks among the globs matching a key in Go map order, i.e. at random, so
-    "probe/*" lost to Lightning's "*" in about a third of the runs and the summary kept the last
+    loggers = []
+    if cfg.logger.wandb:
+        os.environ.setdefault("WANDB_MODE", "offline")
+        loggers.append(
+            WandbLogger(
+                project=cfg.logger.project,
+                entity=cfg.logger.entity,
+                group=cfg.logger.group,
+                tags=list(cfg.logger.tags) or None,
+                name=run_dir.name,
+                save_dir=str(run_dir),
+                offline=os.environ["WANDB_MODE"] == "offline",
+                config={
+                    "method": cfg.model.name,
+                    "dataset": cfg.data.source,
+                    "experiment": cfg.experiment,
+                    **OmegaConf.to_container(cfg),
+                },
+            )
+        )
+    if cfg.logger.csv:
+        loggers.append(CSVLogger(save_dir=str(run_dir), name="", version="csv"))
+    return loggers
+
+
+def log_metrics(logger: Any, metrics: dict[str, float], step: int) -> None:
+    """logger.log_metrics(metrics, step), defining each probe_val/* key by its exact name on a W&B run first.
+
+    The probe_val summary is the maximum over the run. A "probe_val/*" glob cannot promise that:
+    wandb-core (0.31) picks among the globs matching a key in Go map order, i.e. at random, so a
+    glob lost to Lightning's "*" in about a third of the runs and the summary kept the last
     value. An exactly named metric always takes precedence over globs.
     """
     if type(logger).__name__ == "WandbLogger":
         for key in metrics:
-            if key.startswith(PROBE_PREFIX):
+            if key.startswith(MAX_KEYS_PREFIX):
                 logger.experiment.define_metric(key, step_metric=STEP, step_sync=True, summary="max")
     logger.log_metrics(metrics, step=step)
 
@@ -44,7 +78,7 @@ def summary_dict(run: Any) -> dict[str, Any]:
 
 
 def evaluation_rows(rows: dict[str, dict[str, float]]) -> list[list]:
-    """Table rows [row, evaluation, target, metric, value] from {row name: {"probe/<t>/<m>": value}}."""
+    """Table rows [row, evaluation, target, metric, value] from {row name: {"probe_test/<t>/<m>": value}}."""
     out = []
     for name, metrics in rows.items():
         for key, value in metrics.items():
@@ -60,7 +94,7 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def plot_roc(target: str, curves: dict[str, tuple[np.ndarray, np.ndarray]], aucs: dict[str, float], path: Path) -> Path:
-    """One ROC curve per row (method and baselines) on one target's EVAL users."""
+    """One ROC curve per row (method and baselines) on one target's TEST users."""
     from matplotlib.figure import Figure
     from sklearn.metrics import roc_curve
 
@@ -70,7 +104,7 @@ def plot_roc(target: str, curves: dict[str, tuple[np.ndarray, np.ndarray]], aucs
         fpr, tpr, _ = roc_curve(positive, prob)
         ax.plot(fpr, tpr, label=f"{name.removeprefix('baseline/')} (AUC {aucs[name]:.3f})")
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC: {target} (EVAL users)")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC: {target} (TEST users)")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
@@ -89,7 +123,9 @@ def plot_projection(embeddings: np.ndarray, targets: Sequence[Target], title: st
     """PCA 2-D scatter of the embeddings, one panel per binary/multiclass target, points coloured by class."""
     from matplotlib.figure import Figure
 
-    shown = [t for t in targets if t.kind in ("binary", "multiclass")] or [None]
+    from datamodules.targets import PROBE_KINDS
+
+    shown = [t for t in targets if t.kind in PROBE_KINDS] or [None]
     rng = np.random.default_rng(seed)
     keep = np.sort(rng.permutation(len(embeddings))[:MAX_POINTS])
     xy = pca_2d(embeddings[keep])
@@ -130,7 +166,7 @@ def log_report(
     for t in targets:
         curves = {name: per_row[t.name] for name, per_row in scores.items() if t.name in per_row}
         if curves:
-            aucs = {name: rows[name][f"probe/{t.name}/auc"] for name in curves}
+            aucs = {name: rows[name][f"probe_test/{t.name}/auc"] for name in curves}
             pngs[f"eval/roc/{t.name}"] = plot_roc(t.name, curves, aucs, out_dir / f"roc_{t.name}.png")
     pngs["eval/embedding_pca"] = plot_projection(embeddings, targets, f"{method}: PCA of the embeddings", out_dir / "embedding_pca.png")
     table = wandb.Table(columns=["row", "evaluation", "target", "metric", "value"], data=evaluation_rows(rows))

@@ -1,0 +1,1 @@
+"""The one evaluation every table row goes through: embed, split users, linear probe, downstream MLP, baselines."""
