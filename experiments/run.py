@@ -130,6 +130,11 @@ def fit_and_embed(
         if key in trainer.callback_metrics:
             metrics[key] = float(trainer.callback_metrics[key])
     embeddings = embed_all(module, datamodule.predict_dataloader(), trainer.strategy)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # The last collective is behind us (the gather above). Close the process group now: a rank that
+        # exits while rank 0 still evaluates, with gloo's threads alive, sometimes aborted at interpreter
+        # exit ("terminate called without an active exception", exit -6), failing the whole DDP run.
+        torch.distributed.destroy_process_group()
     return embeddings, metrics, trainer.global_step
 
 
