@@ -73,6 +73,17 @@ def generic_config(events: Path, labels: Path | None, cache_dir: Path, **overrid
     return cfg
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for tests that compare runs bit for bit (thread count changes float sums)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def ml100k_cache(tmp_path_factory) -> Path:
     """One ml100k preprocessing cache for the whole session (the files never change)."""

@@ -107,14 +107,6 @@ def csv_column(run_dir: Path, prefix: str) -> dict[str, list[str]]:
     return {c: frame[c].drop_nulls().to_list() for c in frame.columns if c.startswith(prefix)}
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_selection_never_reads_test_labels(tmp_path, one_thread):
     events, labels = transactions(n_users=120)
     labels.with_columns(tier=pl.Series([f"t{i % 3}" for i in range(labels.height)])).write_csv(tmp_path / "labels.csv")

@@ -107,16 +107,6 @@ def test_format_value_round_trips_through_the_run_config():
     assert format_value(["item", "rating"]) == "[item, rating]"
 
 
-@pytest.fixture
-def one_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_in_process_sweep_conditional_params_wandb_and_report(tmp_path, ml100k_cache, one_thread):
     """Two trials in this process: a conditional parameter, W&B runs grouped by study, the report matches the study."""
     sweep = tiny_sweep(
