@@ -29,6 +29,15 @@ FORMAT_NAMES = {"plain": "plain text", "json": "JSON", "markdown": "a Markdown t
 UNKNOWN, OTHER = "unknown", "other"
 
 
+PADDING_SIDES = ("right", "left")
+
+
+def check_padding_side(padding_side: str) -> None:
+    """Where LM batches put their pads; checked by the text configs and the batch builder alike."""
+    if padding_side not in PADDING_SIDES:
+        raise ValueError(f"padding_side must be one of {PADDING_SIDES}, got {padding_side!r}")
+
+
 def check_formats(formats: Sequence[str], key: str) -> None:
     """A bad format list is an error naming the config key, before any text is rendered or generated."""
     unknown = [f for f in formats if f not in FORMAT_NAMES]

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from datamodules.preprocess import Prepared
-from datamodules.text import Rendered, Renderer, check_formats
+from datamodules.text import Rendered, Renderer, check_formats, check_padding_side
 
 IGNORE = -100  # label of positions that are not trained (pads, the first token of a document)
 
@@ -178,8 +178,7 @@ class TextBatchBuilder:
     """
 
     def __init__(self, pad_token_id: int, padding_side: str = "right", pack_length: int | None = None, block_mask: bool = False):
-        if padding_side not in ("right", "left"):
-            raise ValueError(f"padding_side {padding_side!r}; choose right or left")
+        check_padding_side(padding_side)
         if block_mask and pack_length is None:
             raise ValueError("block_mask needs pack_length")
         self.pad_token_id = pad_token_id

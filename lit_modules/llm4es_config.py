@@ -11,11 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from datamodules.text import check_formats
+from datamodules.text import check_formats, check_padding_side
 from lit_modules.lm import MINILM
 
 POOLINGS = ("llm4es", "last_token", "last_layer_mean")
-PADDING_SIDES = ("right", "left")
 TEXT_KEYS = ("max_tokens", "formats", "max_events", "header", "pack_length", "block_mask", "padding_side")
 REWRITE_KEYS = ("rewriter_path", "rewrite_formats", "rewrite_temperature", "rewrite_top_p", "rewrite_max_new_tokens")
 
@@ -26,11 +25,6 @@ def check_llm4es(pooling: str, betas: list[float]) -> None:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     if len(betas) != 2:
         raise ValueError(f"betas must be two numbers, got {list(betas)}")
-
-
-def check_text(padding_side: str) -> None:
-    if padding_side not in PADDING_SIDES:
-        raise ValueError(f"padding_side must be one of {PADDING_SIDES}, got {padding_side!r}")
 
 
 @dataclass
@@ -97,7 +91,7 @@ class LLM4ESConfig:
 
     def __post_init__(self) -> None:
         check_llm4es(self.pooling, self.betas)
-        check_text(self.padding_side)
+        check_padding_side(self.padding_side)
         check_formats(self.formats, "model.formats")
         check_formats(self.rewrite_formats, "model.rewrite_formats")
 
@@ -125,4 +119,4 @@ class LMFeaturesConfig:
     """right | left."""
 
     def __post_init__(self) -> None:
-        check_text(self.padding_side)
+        check_padding_side(self.padding_side)
