@@ -26,7 +26,8 @@ import numpy as np
 import polars as pl
 
 from datamodules.config import DataConfig
-from datamodules.schema import DAY_FIELD, FIRST_ID, MISSING, RARE, WEEK_FIELD, EventSchema, FieldSpec
+from datamodules.encode import check_codes, event_order, last_events, schema_of, sequence_frame, token_exprs
+from datamodules.schema import DAY_FIELD, FIRST_ID, WEEK_FIELD, EventSchema, FieldSpec
 from datamodules.store import SequenceStore
 from datamodules.sources import load_source, source_files
 from datamodules.sources.base import DataError, SourceData
@@ -34,7 +35,7 @@ from datamodules.targets import FUTURE_KINDS, KINDS, MULTILABEL, STATIC_KINDS, T
 
 log = logging.getLogger(__name__)
 
-VERSION = 3  # bump when the cached layout or its meaning changes (3: meta.json holds relevant_users)
+VERSION = 4  # bump when the cached layout or its meaning changes (3: meta.json holds relevant_users; 4: the state runs save, datamodules/encode.py)
 CACHE_IRRELEVANT = ("batch_size", "bucket_by_length", "num_workers", "cache_dir")
 CACHE_FILES = ("users.parquet", "targets.parquet")
 
@@ -49,7 +50,7 @@ class Prepared:
     targets: list[Target]
     is_val: np.ndarray  # bool [U]
     meta: dict
-    path: Path
+    path: Path | None  # the cache folder (None: new data, experiments.embed)
     users: pl.DataFrame  # the cached frame (text fields for renderers live here)
 
 
@@ -151,11 +152,8 @@ def build(source: SourceData, cfg: DataConfig, seed: int, key: str, path: Path) 
 
     counts = dict(source.counts)
     raw = source.events.collect()
-    all_users = raw["user_id"].unique().sort()
-    user = rank_of(raw["user_id"], all_users)
-    time_us = raw["time"].dt.epoch("us").to_numpy()
-    order = np.lexsort((time_us, user))  # stable: ties keep the source's event order
-    duplicate = duplicate_events(raw, order, user[order], time_us[order], ["user_id", "time", *(f.name for f in schema.fields)])
+    o = event_order(raw, [f.name for f in schema.fields])
+    all_users, user, order, duplicate = o.users, o.user, o.order, o.duplicate
     raw = raw.with_columns(_user=pl.Series(user), _kept=pl.Series(~duplicate))
     counts["raw_events"] = raw.height
     counts["duplicate_events"] = int(duplicate.sum())
@@ -181,54 +179,37 @@ def build(source: SourceData, cfg: DataConfig, seed: int, key: str, path: Path) 
     raw = raw.with_columns(_history=pl.Series(in_history), _train=pl.Series(in_history & is_train[user]))
     history, train = raw.lazy().filter(pl.col("_history")), raw.lazy().filter(pl.col("_train"))
 
+    # Fit the state on the training users' history (codes and the time origin: all history).
     vocabs: dict[str, list[str]] = {}
-    encoded = []
+    edges: dict[str, list[float]] = {}
     cats = schema.of_kind("categorical")
     fitted = pl.collect_all([fit_vocab(train, f.name, min(f.top_k or cfg.top_k, cfg.top_k)) for f in cats])
     for f, vocab in zip(cats, fitted):
-        values = vocab[f.name].to_list()
-        vocabs[f.name] = values
-        ids = pl.col(f.name).replace_strict(values, range(FIRST_ID, FIRST_ID + len(values)), default=RARE, return_dtype=pl.Int32)
-        encoded.append(pl.when(pl.col(f.name).is_null()).then(MISSING).otherwise(ids).cast(pl.Int32).alias(f"tok_{f.name}"))
+        vocabs[f.name] = vocab[f.name].to_list()
     for f in schema.of_kind("numeric"):
         train_values = train.select(pl.col(f.name)).collect()[f.name].to_numpy().astype(np.float64)
-        edges = bucket_edges(train_values, f.n_buckets or cfg.n_buckets)
-        bounds = [-np.inf, *edges.tolist(), np.inf]
+        edges[f.name] = bucket_edges(train_values, f.n_buckets or cfg.n_buckets).tolist()
+        bounds = [-np.inf, *edges[f.name], np.inf]
         vocabs[f.name] = [f"[{lo:g}, {hi:g})" for lo, hi in zip(bounds[:-1], bounds[1:])]
-        bucket = pl.lit(pl.Series(edges, dtype=pl.Float64)).search_sorted(pl.col(f.name), side="right")
-        encoded.append(pl.when(pl.col(f.name).is_null()).then(MISSING).otherwise(bucket.cast(pl.Int32) + FIRST_ID).cast(pl.Int32).alias(f"tok_{f.name}"))
-        encoded.append(pl.col(f.name).cast(pl.Float32).alias(f"val_{f.name}"))
-
     codes = schema.of_kind("codes")
     for f in codes:
-        encoded.append(encode_codes(history, f))
+        check_codes(history, f)
     tops = history.select(pl.col("time").min().alias("t0"), *[pl.col(f.name).list.max().max().alias(f.name) for f in codes]).collect().row(0, named=True)
     for f in codes:
         top = tops[f.name]
         vocabs[f.name] = [str(c) for c in range(int(top) + 1)] if top is not None else []
-
+    vocab_sizes = {f.name: FIRST_ID + len(vocabs[f.name]) for f in schema.of_kind("categorical", "numeric", "codes")}
     t0 = tops["t0"]
-    day = (pl.col("time") - pl.lit(t0)).dt.total_days().cast(pl.Int32)
-    encoded += [(day + FIRST_ID).alias(f"tok_{DAY_FIELD}"), (day // 7 + FIRST_ID).alias(f"tok_{WEEK_FIELD}")]
-    texts = [f.name for f in schema.of_kind("text")]
 
     keep = last_events(order[in_history[order]], user, cfg.max_len)
     columns = ["user_id", "time", "_user", *(f.name for f in schema.fields)]
-    frame = (
-        raw.select(columns)[keep]
-        .lazy()
-        .select(pl.col("_user").set_sorted(), "user_id", pl.col("time").dt.epoch("s").alias("time"), *encoded, *[pl.col(t).alias(f"txt_{t}") for t in texts])
-        .group_by("_user", maintain_order=True)
-        .agg(pl.col("user_id").first(), pl.exclude("_user", "user_id"))
-        .drop("_user")
-        .collect()
-    )
+    exprs = token_exprs(schema, vocabs, edges, vocab_sizes, t0)
+    frame = sequence_frame(raw.select(columns)[keep], exprs, [f.name for f in schema.of_kind("text")])
     counts["history_events"] = int(in_history.sum())
     counts["truncated_events"] = counts["history_events"] - keep.len()
     del raw, events, history, train
 
     max_day = int(frame[f"tok_{DAY_FIELD}"].list.max().max()) - FIRST_ID
-    vocab_sizes = {f.name: FIRST_ID + len(vocabs[f.name]) for f in schema.of_kind("categorical", "numeric", "codes")}
     vocab_sizes[DAY_FIELD] = FIRST_ID + max_day + 1
     vocab_sizes[WEEK_FIELD] = FIRST_ID + max_day // 7 + 1
 
@@ -249,12 +230,15 @@ def build(source: SourceData, cfg: DataConfig, seed: int, key: str, path: Path) 
         "source": source.name,
         "schema": dataclasses.asdict(schema),
         "vocabs": vocabs,
+        "edges": edges,
         "vocab_sizes": vocab_sizes,
         "value_fields": schema.value_fields,
         "code_fields": [f.name for f in schema.of_kind("codes")],
         "targets": {t.name: {"kind": t.kind, "classes": classes[t.name]} for t in cfg.targets},
         "cutoff": cutoff.isoformat() if cutoff else None,
         "t0": t0.isoformat(),
+        "max_len": cfg.max_len,
+        "column_types": source.column_types,
         "n_users": frame.height,
         "n_val_users": int(val.sum()),
         "counts": counts,
@@ -264,53 +248,6 @@ def build(source: SourceData, cfg: DataConfig, seed: int, key: str, path: Path) 
         if n and reason not in ("raw_events", "history_events"):
             log.info("%s: %d %s", source.name, n, reason.replace("_", " "))
     write_atomic_dir(path, {"users.parquet": frame, "targets.parquet": targets.with_columns(is_val=pl.Series(val))}, meta)
-
-
-def rank_of(values: pl.Series, sorted_values: pl.Series) -> np.ndarray:
-    """Each value's position in `sorted_values` (which holds every value), as int32: sorting by it sorts by value."""
-    return values.replace_strict(sorted_values, pl.int_range(sorted_values.len(), eager=True), return_dtype=pl.Int32).to_numpy()
-
-
-def duplicate_events(events: pl.DataFrame, order: np.ndarray, user: np.ndarray, time: np.ndarray, columns: list[str]) -> np.ndarray:
-    """Mask of events equal on all `columns` to an earlier event (the first one stays).
-
-    `order` sorts the events by user and time; `user` and `time` are in that order. Only
-    neighbours there with equal user and time can be duplicates, so the full comparison
-    (list columns included, slow to hash) runs on those few only.
-    """
-    duplicate = np.zeros(events.height, dtype=bool)
-    same = (user[1:] == user[:-1]) & (time[1:] == time[:-1])
-    if not same.any():
-        return duplicate
-    shared = np.zeros(events.height, dtype=bool)
-    shared[1:] |= same
-    shared[:-1] |= same
-    candidate = np.zeros(events.height, dtype=bool)
-    candidate[order[shared]] = True
-    # A mask filter keeps the source's order ("first" = first in the files) and, unlike a gather, does not copy every chunk.
-    first = events.select(columns).filter(pl.Series(candidate)).select(pl.struct(columns).is_first_distinct()).to_series().to_numpy()
-    duplicate[np.flatnonzero(candidate)[~first]] = True
-    return duplicate
-
-
-def last_events(order: np.ndarray, user: np.ndarray, max_len: int) -> pl.Series:
-    """Rows of each user's last `max_len` events, by user then time: `order` lists the rows to consider, sorted."""
-    ranked = user[order]
-    n = np.bincount(ranked)  # users without events count 0
-    pos = np.arange(order.size) - (np.cumsum(n) - n)[ranked]
-    return pl.Series(order[pos >= (n - max_len)[ranked]], dtype=pl.UInt32)
-
-
-def encode_codes(history: pl.LazyFrame, f: FieldSpec) -> pl.Expr:
-    """Fixed-length integer codes -> ids (code + FIRST_ID) as Array[L]; an event without codes gets MISSING x L."""
-    bad = history.filter(pl.col(f.name).is_not_null() & ((pl.col(f.name).list.len() != f.length) | (pl.col(f.name).list.min() < 0)))
-    hit = bad.select("_file", "_row", pl.col(f.name).cast(pl.List(pl.String)).list.join(" ")).head(1).collect()
-    if hit.height:
-        file, row, raw = hit.row(0)
-        raise DataError(f"{file}: column {f.name!r}, row {row}: expected {f.length} non-negative codes, got [{raw}]")
-    ids = pl.col(f.name).list.eval(pl.element() + FIRST_ID).cast(pl.List(pl.Int32))
-    missing = pl.lit([MISSING] * f.length, dtype=pl.List(pl.Int32))
-    return pl.when(pl.col(f.name).is_null()).then(missing).otherwise(ids).list.to_array(f.length).alias(f"cod_{f.name}")
 
 
 def write_atomic_dir(path: Path, frames: dict[str, pl.DataFrame], meta: dict) -> None:
@@ -347,7 +284,6 @@ def load(path: Path) -> Prepared:
     meta = json.loads((path / "meta.json").read_text())
     users = pl.read_parquet(path / "users.parquet")
     table = pl.read_parquet(path / "targets.parquet")
-    store = SequenceStore.from_frame(users, meta["vocab_sizes"], meta["value_fields"], meta["code_fields"])
     targets = []
     for name, info in meta["targets"].items():
         kind = evaluation_kind(info["kind"], len(info["classes"]))
@@ -356,6 +292,11 @@ def load(path: Path) -> Prepared:
         else:
             labels = table[name].fill_null(-1).to_numpy().astype(np.int64)
         targets.append(Target(name, kind, labels, info["classes"]))
-    s = meta["schema"]
-    schema = EventSchema(s["user"], s["time"], [FieldSpec(**f) for f in s["fields"]], s["event_type"])
-    return Prepared(store, schema, meta["vocabs"], targets, table["is_val"].to_numpy(), meta, path, users)
+    return prepared_of(users, meta, targets, table["is_val"].to_numpy(), path)
+
+
+def prepared_of(users: pl.DataFrame, meta: dict, targets: list[Target] | None = None, is_val: np.ndarray | None = None, path: Path | None = None) -> Prepared:
+    """Sequences in the users.parquet layout as `Prepared`; without targets and splits for new data (experiments.embed)."""
+    store = SequenceStore.from_frame(users, meta["vocab_sizes"], meta["value_fields"], meta["code_fields"])
+    is_val = np.zeros(len(store), dtype=bool) if is_val is None else is_val
+    return Prepared(store, schema_of(meta), meta["vocabs"], targets or [], is_val, meta, path, users)

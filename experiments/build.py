@@ -27,8 +27,11 @@ def build_module(config: Any, prepared: Any) -> Any:
     return METHODS[config.name].module_class()(**constructor_args(config, prepared))
 
 
-def build_datamodule(config: Any, events: Any) -> Any:
-    """The DataModule the method declared (`config.inputs`): the event sequences as they are, or rendered as text."""
+def build_datamodule(config: Any, events: Any, train: bool = True) -> Any:
+    """The DataModule the method declared (`config.inputs`): the event sequences as they are, or rendered as text.
+
+    train=False (embedding only) skips what only training reads, such as LLM4ES's rewrites.
+    """
     if config.inputs == "events":
         return events
     if config.inputs != "text":
@@ -42,7 +45,7 @@ def build_datamodule(config: Any, events: Any) -> Any:
         settings["formats"] = tuple(settings["formats"])
     tokenizer = load_tokenizer(config.model_path, settings.pop("padding_side", "right"))
     rewrite = None
-    if getattr(config, "rewriter_path", None) is not None:
+    if train and getattr(config, "rewriter_path", None) is not None:
         from lit_modules.rewrite import training_rewriter
 
         rewrite = training_rewriter(dataclasses.asdict(config), events.cfg.cache_dir, events.data.path, events.seed)

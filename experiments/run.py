@@ -19,6 +19,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules.atomic import atomic_write
+from datamodules.encode import state_of
 from experiments.config import ConfigError, DataConfig, compose, help_text, to_dataclass
 from experiments.rundirs import RUN_DIR_ENV, launched_as_rank_zero, resume_dir
 
@@ -50,22 +51,30 @@ def write_embeddings(path: Path, user_ids, embeddings) -> None:
     atomic_write(path, frame.write_parquet)
 
 
-def export_submission(prepared, embeddings, out: Path) -> int:
-    """The challenge's submission for its relevant clients; a client without history gets the mean embedding.
+def export_submission(prepared, embeddings, out: Path, embedder=None) -> int:
+    """The challenge's submission for its relevant clients; a client without history gets the mean of the others.
 
+    With `embedder` (an experiments.embed.EmbeddingRun of this run) the relevant clients are
+    embedded from the source's events by the trained model, through the path that embeds
+    new data; an ensemble (no model of its own) exports its vectors of the prepared users.
     The relevant clients are the list preprocessing kept from the source (every user when
-    the source has none), so the source files are not read again. Returns how many
-    relevant clients had no history (counted in metrics.json).
+    the source has none). Returns how many relevant clients had no history (counted in metrics.json).
     """
     import numpy as np
 
     from datamodules.sources import recsys2025
 
     relevant = prepared.meta["relevant_users"]
-    ids = relevant if relevant is not None else [str(u) for u in prepared.store.user_ids]
-    index = {str(u): i for i, u in enumerate(prepared.store.user_ids)}
+    if embedder is not None:
+        until = "cutoff" if prepared.meta["cutoff"] else None  # the history the model trained on
+        frame = embedder.embed(None, until=until, users=relevant)
+        known_ids, known = frame["user_id"].to_numpy(), frame["embedding"].to_numpy()
+    else:
+        known_ids, known = prepared.store.user_ids, embeddings
+    ids = relevant if relevant is not None else [str(u) for u in known_ids]
+    index = {str(u): i for i, u in enumerate(known_ids)}
     rows = np.array([index.get(u, -1) for u in ids])
-    vectors = np.where((rows >= 0)[:, None], embeddings[np.maximum(rows, 0)], embeddings.mean(axis=0))
+    vectors = np.where((rows >= 0)[:, None], known[np.maximum(rows, 0)], known.mean(axis=0))
     recsys2025.write_submission(out, ids, vectors)
     return int((rows < 0).sum())
 
@@ -175,6 +184,8 @@ def run(cfg: DictConfig, command: str | None = None, extra_callbacks: list | Non
         run_dir = resumed or make_run_dir(cfg)
         os.environ[RUN_DIR_ENV] = str(run_dir)  # the ranks Lightning's launcher starts on this node inherit it
         atomic_write(run_dir / "config.yaml", lambda p: OmegaConf.save(cfg, p, resolve=True))
+        # what embedding new data needs of the preprocessing, so `python -m experiments.embed` works without the cache
+        atomic_write(run_dir / "preprocess.json", lambda p: p.write_text(json.dumps(state_of(prepared.meta), indent=1)))
         if command and not resumed:  # reports cite the exact command behind each row
             atomic_write(run_dir / "command.txt", lambda p: p.write_text(command + "\n"))
         from experiments.loggers import build_loggers
@@ -219,7 +230,12 @@ def run(cfg: DictConfig, command: str | None = None, extra_callbacks: list | Non
     # metrics.json last: its presence marks a finished run (experiments.rundirs)
     write_embeddings(run_dir / "embeddings.parquet", prepared.store.user_ids, embeddings)
     if cfg.export_submission:
-        metrics["data/relevant_clients_without_history"] = export_submission(prepared, embeddings, run_dir / "submission")
+        embedder = None
+        if module is not None:
+            from experiments.embed import EmbeddingRun
+
+            embedder = EmbeddingRun(run_dir, cfg, state_of(prepared.meta), module)
+        metrics["data/relevant_clients_without_history"] = export_submission(prepared, embeddings, run_dir / "submission", embedder)
     if module is not None:
         # save_model drops the duplicates of tied weights (e.g. an LM head tied to its embeddings)
         atomic_write(run_dir / "model.safetensors", lambda p: save_model(module, str(p)))

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import polars as pl
+
 from datamodules.config import DataConfig
 from datamodules.sources import generic, ml100k, recsys2025
-from datamodules.sources.base import DataError, Source, SourceData
+from datamodules.sources.base import DataError, Source, SourceData, UserRange
 
 SOURCES: dict[str, Source] = {"ml100k": ml100k.SOURCE, "generic": generic.SOURCE, "recsys2025": recsys2025.SOURCE}
 
@@ -26,5 +28,11 @@ def source_files(cfg: DataConfig) -> list[Path]:
     return files
 
 
-def load_source(cfg: DataConfig) -> SourceData:
-    return source_of(cfg).load(cfg)
+def load_source(cfg: DataConfig, only: UserRange | None = None) -> SourceData:
+    """The source's events: every user, or the users of one `UserRange` (read while scanning)."""
+    return source_of(cfg).load(cfg, only)
+
+
+def source_users(cfg: DataConfig) -> pl.Series:
+    """The source's distinct user ids as strings, listed without loading its events."""
+    return source_of(cfg).users(cfg)

@@ -32,14 +32,48 @@ class SourceData:
     files: list[Path] = field(default_factory=list)  # every file read (errors name the first)
     counts: dict[str, int] = field(default_factory=dict)  # rows dropped or fixed while loading, by reason
     relevant_users: list[str] | None = None  # users to export embeddings for (the challenge's relevant clients); kept in meta.json
+    column_types: dict[str, str] = field(default_factory=dict)  # "user" / "time" -> kind of the raw column (`dtype_kind`)
+
+
+@dataclass(frozen=True)
+class UserRange:
+    """The users whose id, read as a string, lies in [first, last]: one chunk of a run over sorted users.
+
+    Sources apply it while scanning their files, so only that chunk's rows reach memory.
+    """
+
+    first: str
+    last: str
+
+    def keeps(self, column: str) -> pl.Expr:
+        return pl.col(column).cast(pl.String).is_between(pl.lit(self.first), pl.lit(self.last))
 
 
 @dataclass(frozen=True)
 class Source:
-    """A source as the `data` config reaches it: the files it reads (cheap, no parsing: the cache key) and its events."""
+    """A source as the `data` config reaches it.
+
+    files: every file it reads (cheap, no parsing: the cache key);
+    load: its events, all users or one `UserRange` of them;
+    users: its distinct user ids (String), listed without loading the events.
+    """
 
     files: Callable[[DataConfig], list[Path]]
-    load: Callable[[DataConfig], SourceData]
+    load: Callable[[DataConfig, UserRange | None], SourceData]
+    users: Callable[[DataConfig], pl.Series]
+
+
+def dtype_kind(dtype: pl.DataType) -> str:
+    """integer, float, string, temporal or the dtype itself: what a raw id or time column holds, widths aside."""
+    if dtype.is_integer():
+        return "integer"
+    if dtype.is_float():
+        return "float"
+    if dtype == pl.String:
+        return "string"
+    if dtype.is_temporal():
+        return "temporal"
+    return str(dtype)
 
 
 def first_row(frame: pl.LazyFrame, condition: pl.Expr) -> int | None:

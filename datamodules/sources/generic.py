@@ -18,42 +18,75 @@ import polars as pl
 
 from datamodules.config import DataConfig
 from datamodules.schema import EventSchema, FieldSpec
-from datamodules.sources.base import DataError, Source, SourceData, first_row, parse_time, require_columns
+from datamodules.sources.base import DataError, Source, SourceData, UserRange, dtype_kind, first_row, parse_time, require_columns
 
+FRAME_NAME = "<DataFrame>"  # how errors name an in-memory table
 READERS = {".csv": "csv", ".tsv": "csv", ".txt": "csv", ".parquet": "parquet", ".arrow": "ipc", ".ipc": "ipc", ".feather": "ipc"}
 
 
-def scan_table(path: Path, separator: str | None = None) -> pl.LazyFrame:
-    """One file read into memory once, with a 1-based `_row`, as a LazyFrame over that memory.
-
-    Validation runs a dozen small queries per file: over a lazy scan each would re-read and
-    re-decode the file, over the collected frame each is a pass over memory. Missing,
-    unreadable and empty files are DataErrors.
-    """
+def lazy_scan(path: Path, separator: str | None = None) -> pl.LazyFrame:
+    """The file as Polars' lazy scan of its type (nothing read yet); a missing file or an unknown type is a DataError."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     kind = READERS.get(path.suffix.lower())
     if kind is None:
         raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(READERS)}")
+    if kind == "csv":
+        sep = separator or ("\t" if path.suffix.lower() == ".tsv" else ",")
+        return pl.scan_csv(path, separator=sep, infer_schema_length=10000)
+    return pl.scan_parquet(path) if kind == "parquet" else pl.scan_ipc(path)
+
+
+def scan_table(path: Path, separator: str | None = None, only: UserRange | None = None, user: str | None = None) -> pl.LazyFrame:
+    """One file read into memory once, with a 1-based `_row`, as a LazyFrame over that memory.
+
+    Validation runs a dozen small queries per file: over a lazy scan each would re-read and
+    re-decode the file, over the collected frame each is a pass over memory. `only` keeps
+    the rows of a range of users (column `user`) while scanning, so a chunk of users costs
+    the memory of that chunk; `_row` still counts every row of the file. Missing,
+    unreadable and empty files are DataErrors.
+    """
+    kind = READERS.get(path.suffix.lower(), "?")
     try:
-        if kind == "csv":
-            sep = separator or ("\t" if path.suffix.lower() == ".tsv" else ",")
-            frame = pl.scan_csv(path, separator=sep, infer_schema_length=10000)
-        elif kind == "parquet":
-            frame = pl.scan_parquet(path)
-        else:
-            frame = pl.scan_ipc(path)
-        table = frame.with_row_index("_row", offset=1).collect()
-        if table.height == 0:
+        frame = lazy_scan(path, separator).with_row_index("_row", offset=1)
+        if only is not None:
+            require_columns(path, frame.collect_schema().names(), {user: "schema.user"})
+            frame = frame.filter(only.keeps(user))
+        table = frame.collect(engine="streaming" if only is not None else "auto")
+        if table.height == 0 and only is None:
             raise DataError(f"{path}: no rows")
     except (pl.exceptions.NoDataError, pl.exceptions.ComputeError, OSError) as err:
         raise DataError(f"{path}: cannot read as {kind}: {str(err).splitlines()[0]}") from None
     return table.lazy()
 
 
-def read_events(path: Path, schema: EventSchema, time_format: str | None, separator: str | None = None) -> tuple[pl.LazyFrame, dict[str, int]]:
-    """One event file -> the normalised event frame (see sources/base.py) and its counts."""
-    frame = scan_table(path, separator)
+def distinct_users(path: Path, column: str, separator: str | None = None) -> pl.Series:
+    """The distinct values of a file's user column as strings, from a streaming scan of that column alone.
+
+    A null user is an error naming its row (a chunked run would otherwise skip that row silently).
+    """
+    kind = READERS.get(path.suffix.lower(), "?")
+    try:
+        frame = lazy_scan(path, separator)
+        require_columns(path, frame.collect_schema().names(), {column: "schema.user"})
+        users = frame.select(pl.col(column).cast(pl.String)).unique().collect(engine="streaming").to_series()
+    except (pl.exceptions.NoDataError, pl.exceptions.ComputeError, OSError) as err:
+        raise DataError(f"{path}: cannot read as {kind}: {str(err).splitlines()[0]}") from None
+    if users.null_count():
+        row = first_row(frame.with_row_index("_row", offset=1), pl.col(column).is_null())
+        raise DataError(f"{path}: column {column!r}, row {row}: null user")
+    return users.rename("user_id")
+
+
+def read_events(
+    path: Path, schema: EventSchema, time_format: str | None, separator: str | None = None, only: UserRange | None = None
+) -> tuple[pl.LazyFrame, dict[str, int], dict[str, str]]:
+    """One event file -> the normalised event frame (see sources/base.py), its counts and the kinds of its user and time columns."""
+    return normalise(scan_table(path, separator, only, schema.user), path, schema, time_format)
+
+
+def normalise(frame: pl.LazyFrame, path: Path | str, schema: EventSchema, time_format: str | None) -> tuple[pl.LazyFrame, dict[str, int], dict[str, str]]:
+    """A table with `_row` (read from `path`, or an in-memory frame named by it) -> the normalised event frame, counts, column kinds."""
     present = [c for c in frame.collect_schema().names() if c != "_row"]
     needed = {schema.user: "schema.user", schema.time: "schema.time"}
     needed.update({f.source_column: f"schema.fields.{f.name}" for f in schema.fields})
@@ -63,6 +96,8 @@ def read_events(path: Path, schema: EventSchema, time_format: str | None, separa
         row = first_row(frame, pl.col(column).is_null())
         if row is not None:
             raise DataError(f"{path}: column {column!r}, row {row}: null {role}")
+    types = frame.collect_schema()
+    kinds = {"user": dtype_kind(types[schema.user]), "time": dtype_kind(types[schema.time])}
     frame = parse_time(frame, schema.time, time_format, path)
 
     counts: dict[str, int] = {}
@@ -86,7 +121,7 @@ def read_events(path: Path, schema: EventSchema, time_format: str | None, separa
             columns.append(src.cast(pl.String).alias(f.name))
         else:
             raise DataError(f"{path}: field {f.name!r} has kind {f.kind!r}, which the generic source does not read (codes: recsys2025 only)")
-    return frame.select(columns), counts
+    return frame.select(columns), counts, kinds
 
 
 def read_labels(path: Path, user: str, columns: Sequence[str], separator: str | None = None) -> pl.DataFrame:
@@ -112,13 +147,14 @@ def load(
     labels_path: str | Path | None = None,
     labels_user: str | None = None,
     label_columns: Sequence[str] = (),
+    only: UserRange | None = None,
 ) -> SourceData:
     files = [Path(p).expanduser() for p in paths]
     if not files:
         raise DataError("data.path: no event files given")
-    frames, counts = [], {}
+    frames, counts, kinds = [], {}, {}
     for path in files:
-        frame, file_counts = read_events(path, schema, time_format, separator)
+        frame, file_counts, kinds = read_events(path, schema, time_format, separator, only)
         frames.append(frame)
         for k, v in file_counts.items():
             counts[k] = counts.get(k, 0) + v
@@ -127,7 +163,7 @@ def load(
         lpath = Path(labels_path).expanduser()
         labels = read_labels(lpath, labels_user or schema.user, label_columns, separator)
         files.append(lpath)
-    return SourceData("generic", pl.concat(frames, how="vertical_relaxed"), schema, labels, files, counts)
+    return SourceData("generic", pl.concat(frames, how="vertical_relaxed"), schema, labels, files, counts, column_types=kinds)
 
 
 def event_schema(cfg: DataConfig) -> EventSchema:
@@ -148,7 +184,7 @@ def event_files(cfg: DataConfig) -> list[Path]:
     return [Path(m) for m in sorted(glob.glob(str(path)))] or [path]
 
 
-def load_config(cfg: DataConfig) -> SourceData:
+def load_config(cfg: DataConfig, only: UserRange | None = None) -> SourceData:
     from datamodules.targets import STATIC_KINDS  # here, not at the top: targets imports this package
 
     return load(
@@ -159,6 +195,7 @@ def load_config(cfg: DataConfig) -> SourceData:
         labels_path=cfg.labels.path,
         labels_user=cfg.labels.user,
         label_columns=[t.column or t.name for t in cfg.targets if t.kind in STATIC_KINDS],
+        only=only,
     )
 
 
@@ -167,4 +204,21 @@ def config_files(cfg: DataConfig) -> list[Path]:
     return event_files(cfg) + ([Path(cfg.labels.path).expanduser()] if cfg.labels.path else [])
 
 
-SOURCE = Source(files=config_files, load=load_config)
+def frame_source(table: pl.DataFrame, cfg: DataConfig, only: UserRange | None = None) -> SourceData:
+    """An in-memory event table in the layout the schema describes, read as the generic source reads a file (named `<DataFrame>`)."""
+    schema = event_schema(cfg)
+    frame = table.lazy().with_row_index("_row", offset=1)
+    require_columns(Path(FRAME_NAME), table.columns, {schema.user: "schema.user"})
+    if only is not None:
+        frame = frame.filter(only.keeps(schema.user))
+    events, counts, kinds = normalise(frame.collect().lazy(), FRAME_NAME, schema, cfg.schema.time_format)
+    return SourceData("generic", events, schema, None, [], counts, column_types=kinds)
+
+
+def config_users(cfg: DataConfig) -> pl.Series:
+    """Distinct users of all event files (labels aside)."""
+    parts = [distinct_users(path, cfg.schema.user, cfg.schema.separator) for path in event_files(cfg)]
+    return pl.concat(parts).unique()
+
+
+SOURCE = Source(files=config_files, load=load_config, users=config_users)

@@ -16,7 +16,7 @@ from pathlib import Path
 import polars as pl
 
 from datamodules.schema import EventSchema, FieldSpec
-from datamodules.sources.base import DataError, Source, SourceData
+from datamodules.sources.base import DataError, Source, SourceData, UserRange
 
 SCHEMA = EventSchema(
     user="user_id",
@@ -56,9 +56,12 @@ def files(path: str | Path | None = None) -> list[Path]:
     return [folder / f"ml-100k.{ext}" for ext in ("inter", "item", "user")]
 
 
-def load(path: str | Path | None = None) -> SourceData:
+def load(path: str | Path | None = None, only: UserRange | None = None) -> SourceData:
     paths = files(path)
     inter, item, user = (read_tsv(f) for f in paths)
+    inter = inter.with_row_index("_row", offset=1)
+    if only is not None:
+        inter = inter.filter(only.keeps("user_id"))
 
     items = item.select(
         pl.col("item_id"),
@@ -68,8 +71,7 @@ def load(path: str | Path | None = None) -> SourceData:
         pl.col("class").str.split(" ").list.first().replace("unknown", None).alias("genre"),
     )
     events = (
-        inter.with_row_index("_row", offset=1)
-        .select(
+        inter.select(
             pl.col("_row"),
             pl.lit(str(paths[0])).alias("_file"),
             pl.col("user_id"),
@@ -87,7 +89,12 @@ def load(path: str | Path | None = None) -> SourceData:
     labels = user.with_row_index("_row", offset=1).select(
         "_row", pl.lit(str(paths[2])).alias("_file"), "user_id", pl.col("age").cast(pl.Int64), "gender", "occupation"
     )
-    return SourceData("ml100k", events.lazy(), SCHEMA, labels, paths, counts)
+    return SourceData("ml100k", events.lazy(), SCHEMA, labels, paths, counts, column_types={"user": "string", "time": "string"})
 
 
-SOURCE = Source(files=lambda cfg: files(cfg.path), load=lambda cfg: load(cfg.path))
+def users(path: str | Path | None = None) -> pl.Series:
+    """Distinct users of the ratings file."""
+    return read_tsv(files(path)[0])["user_id"].unique()
+
+
+SOURCE = Source(files=lambda cfg: files(cfg.path), load=lambda cfg, only=None: load(cfg.path, only), users=lambda cfg: users(cfg.path))

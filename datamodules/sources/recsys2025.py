@@ -24,6 +24,7 @@ sku listed twice in product_properties; a client id listed twice in relevant_cli
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,8 +34,8 @@ import polars as pl
 
 from datamodules.config import DataConfig
 from datamodules.schema import EventSchema, FieldSpec
-from datamodules.sources.base import DataError, Source, SourceData, first_row, parse_time, require_columns
-from datamodules.sources.generic import scan_table
+from datamodules.sources.base import DataError, Source, SourceData, UserRange, dtype_kind, first_row, parse_time, require_columns
+from datamodules.sources.generic import distinct_users, scan_table
 
 PRODUCT_TABLES = ("product_buy", "add_to_cart", "remove_from_cart")
 EVENT_TABLES = (*PRODUCT_TABLES, "page_visit", "search_query")
@@ -73,15 +74,24 @@ def files(path: str | Path) -> list[Path]:
     return found + ([relevant] if relevant.is_file() else [])
 
 
-def load(path: str | Path) -> SourceData:
-    """All event tables as one validated, lazy event frame (see datamodules/sources/base.py)."""
+def load(path: str | Path, only: UserRange | None = None) -> SourceData:
+    """All event tables as one validated, lazy event frame (see datamodules/sources/base.py); `only`: one range of clients."""
     paths = files(path)
     folder = Path(path).expanduser()
     properties = read_properties(folder / f"{PROPERTIES}.parquet")
-    frames = [read_events(folder / f"{name}.parquet", name, properties) for name in EVENT_TABLES]
+    read = [read_events(folder / f"{name}.parquet", name, properties, only) for name in EVENT_TABLES]
     relevant = folder / RELEVANT
     users = read_relevant(relevant) if relevant in paths else None  # files() decides whether it is there
-    return SourceData("recsys2025", pl.concat(frames, how="vertical"), SCHEMA, None, paths, {}, users)
+    time_kinds = {kind for _, kind in read}
+    kinds = {"user": "integer", "time": time_kinds.pop() if len(time_kinds) == 1 else "mixed"}
+    return SourceData("recsys2025", pl.concat([frame for frame, _ in read], how="vertical"), SCHEMA, None, paths, {}, users, kinds)
+
+
+def client_ids(path: str | Path) -> pl.Series:
+    """Distinct client ids (as strings) of the five event tables, each scanned for that column alone."""
+    folder = Path(path).expanduser()
+    files(folder)
+    return pl.concat([distinct_users(folder / f"{name}.parquet", "client_id") for name in EVENT_TABLES]).unique()
 
 
 def folder_of(cfg: DataConfig) -> Path:
@@ -90,7 +100,11 @@ def folder_of(cfg: DataConfig) -> Path:
     return Path(cfg.path).expanduser()
 
 
-SOURCE = Source(files=lambda cfg: files(folder_of(cfg)), load=lambda cfg: load(folder_of(cfg)))
+SOURCE = Source(
+    files=lambda cfg: files(folder_of(cfg)),
+    load=lambda cfg, only=None: load(folder_of(cfg), only),
+    users=lambda cfg: client_ids(folder_of(cfg)),
+)
 
 
 def parse_codes(frame: pl.LazyFrame, column: str, path: Path) -> pl.LazyFrame:
@@ -140,7 +154,18 @@ def require_not_null(frame: pl.LazyFrame, columns: Sequence[str], path: Path) ->
 
 
 def read_properties(path: Path) -> pl.LazyFrame:
-    """sku -> category, price, name, collected once (it is small and joined into three tables)."""
+    """sku -> category, price, name, collected once (it is small and joined into three tables).
+
+    Memoised on the file's path, size and modification time: a run over chunks of clients
+    reads it once, not once per chunk.
+    """
+    stat = path.stat()
+    return _properties(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _properties(path_name: str, size: int, mtime_ns: int) -> pl.LazyFrame:
+    path = Path(path_name)
     frame = scan_table(path)
     require_columns(path, frame.collect_schema().names(), {c: "product_properties" for c in ("sku", "category", "price", "name")})
     require_integer(frame, "sku", path)
@@ -162,13 +187,14 @@ def read_properties(path: Path) -> pl.LazyFrame:
     )
 
 
-def read_events(path: Path, table: str, properties: pl.LazyFrame) -> pl.LazyFrame:
-    """One event table -> the common event columns; product tables joined with their properties."""
-    frame = scan_table(path)
+def read_events(path: Path, table: str, properties: pl.LazyFrame, only: UserRange | None = None) -> tuple[pl.LazyFrame, str]:
+    """One event table -> the common event columns (product tables joined with their properties) and its time column's kind."""
+    frame = scan_table(path, only=only, user="client_id")
     value = "sku" if table in PRODUCT_TABLES else "url" if table == "page_visit" else "query"
     require_columns(path, frame.collect_schema().names(), {"client_id": "schema.user", "timestamp": "schema.time", value: table})
     require_integer(frame, "client_id", path)
     require_not_null(frame, ["client_id", "timestamp"], path)
+    time_kind = dtype_kind(frame.collect_schema()["timestamp"])
     frame = parse_time(frame, "timestamp", TIME_FORMAT, path)
 
     columns = {name: pl.lit(None, dtype=dtype) for name, dtype in OUTPUT_TYPES.items()}
@@ -189,7 +215,7 @@ def read_events(path: Path, table: str, properties: pl.LazyFrame) -> pl.LazyFram
     else:
         frame = parse_codes(frame, "query", path)
         columns["query"] = pl.col("query")
-    return frame.select(
+    events = frame.select(
         pl.col("_row"),
         pl.lit(str(path)).alias("_file"),
         pl.col("client_id").cast(pl.String).alias("user_id"),
@@ -197,6 +223,7 @@ def read_events(path: Path, table: str, properties: pl.LazyFrame) -> pl.LazyFram
         pl.lit(table).alias("event_type"),
         *[expr.alias(name) for name, expr in columns.items()],
     )
+    return events, time_kind
 
 
 def read_relevant(path: Path) -> list[str]:
