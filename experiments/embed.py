@@ -158,14 +158,17 @@ class EmbeddingRun:
         if listed.len() == 0:
             raise DataError(f"{cfg.path or 'data'}: no users to embed")
         self.events.cfg = dataclasses.replace(self.data_cfg, batch_size=batch_size or self.data_cfg.batch_size)
-        bar = tqdm(total=listed.len(), unit="user", desc="embed", disable=not progress, file=sys.stderr)
+        bar = None
         try:
             for start in range(0, listed.len(), chunk_users):
                 chunk = listed.slice(start, chunk_users)
                 source = load(UserRange(chunk[0], chunk[-1]))
                 self.check_columns(source, cfg)
-                frame, counts, unseen = encode_events(source.events.collect(), self.state, cut)
-                del source
+                if bar is None:  # after the first chunk read well: most bad input fails before any bar is drawn
+                    bar = tqdm(total=listed.len(), unit="user", desc="embed", disable=not progress, file=sys.stderr)
+                raw = source.events.filter(pl.col("user_id").is_in(chunk.implode())).collect()  # the range may hold users not asked for
+                frame, counts, unseen = encode_events(raw, self.state, cut)
+                del source, raw
                 if frame.height == 0:  # every event of the chunk at or after `until`
                     bar.update(chunk.len())
                     continue
@@ -175,7 +178,8 @@ class EmbeddingRun:
                 yield Embedded(frame["user_id"].to_numpy(), vectors, counts, unseen)
         finally:
             self.events.prepared = None
-            bar.close()
+            if bar is not None:
+                bar.close()
 
     def check_columns(self, source: Any, cfg: DataConfig) -> None:
         """A user or time column read as another kind than in training would silently give other ids or times."""

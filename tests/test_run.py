@@ -56,6 +56,21 @@ def test_every_experiment_smoke_runs(name, csv_data, ml100k_cache, recsys_dir, r
         key = f"downstream_test/{t.name}/score" if t.kind == "propensity_top" else f"probe_test/{t.name}/auc"
         assert np.isfinite(result.metrics[key]), key
     assert (result.run_dir / "metrics.json").is_file() and (result.run_dir / "embeddings.parquet").is_file()
+    if cfg.model.name != "ensemble":
+        assert_embeds_its_own_users_again(result.run_dir, cfg)
+
+
+def assert_embeds_its_own_users_again(run_dir: Path, cfg) -> None:
+    """experiments.embed on the run's own data and history gives the run's own vectors, here for a sample of users in chunks of 7."""
+    from experiments.embed import load_run
+
+    saved = pl.read_parquet(run_dir / "embeddings.parquet")
+    users = saved["user_id"].gather(np.linspace(0, saved.height - 1, 20).astype(int)).to_list()
+    until = "cutoff" if json.loads((run_dir / "preprocess.json").read_text())["cutoff"] else None
+    again = load_run(run_dir).embed(until=until, users=users, chunk_users=7)
+    assert again["user_id"].to_list() == sorted(users)
+    expected = saved.filter(pl.col("user_id").is_in(users)).sort("user_id")["embedding"].to_numpy()
+    np.testing.assert_allclose(again["embedding"].to_numpy(), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_full_run_outputs_and_wandb_summary(csv_data, tmp_path):
