@@ -222,7 +222,7 @@ class EmbeddingRun:
             "run": str(self.run_dir),
             "data": "<DataFrame>" if isinstance(data, pl.DataFrame) else str(cfg.path) if cfg.path else f"the run's own {cfg.source} data",
             "data_hash": digest,
-            "users": counts.get("users", 0),
+            "rows": counts.get("users", 0),
             "dim": int(pl.read_parquet_schema(out)["embedding"].size),
             "counts": counts,
             "unseen_values": unseen,
@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"data error: {err}", file=sys.stderr)
         return 2
     unseen = ", ".join(f"{k} {v}" for k, v in summary["unseen_values"].items() if v) or "none"
-    print(f"embedded {summary['users']} users ({summary['counts'].get('events', 0)} events) with {summary['run']}")
+    print(f"embedded {summary['rows']} users ({summary['counts'].get('events', 0)} events) with {summary['run']}")
     print(f"unseen values (mapped to rare): {unseen}")
     print(f"wrote {summary['out']} and {Path(summary['out']).with_suffix('.json')}")
     return 0

@@ -59,7 +59,7 @@ def test_unseen_users_and_values_embed_and_are_counted(trained, tmp_path):
     assert summary["unseen_values"]["merchant"] == events.filter(pl.col("merchant") == "airline_new").height > 0
     assert summary["unseen_values"]["event_type"] == 0
     on_disk = json.loads(out.with_suffix(".json").read_text())
-    assert on_disk["users"] == frame.height and on_disk["counts"]["events"] == events.height
+    assert on_disk["rows"] == frame.height and on_disk["counts"]["events"] == events.height
     assert on_disk["run"] == str(trained) and len(on_disk["data_hash"]) == 64
 
 
@@ -114,7 +114,7 @@ def test_command_writes_parquet_and_summary(trained, tmp_path, capsys):
     assert main([f"run={trained}", f"data.path={tmp_path / 'july.csv'}", f"out={out}", "batch_size=5", "chunk_users=5"]) == 0
     printed = capsys.readouterr().out
     assert "embedded 12 users" in printed and "merchant" in printed and str(out) in printed
-    assert pl.read_parquet(out).height == 12 and json.loads(out.with_suffix(".json").read_text())["users"] == 12
+    assert pl.read_parquet(out).height == 12 and json.loads(out.with_suffix(".json").read_text())["rows"] == 12
     assert sorted(p.name for p in out.parent.iterdir()) == ["july.json", "july.parquet"]  # no chunk parts left behind
 
 
