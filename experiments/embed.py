@@ -158,7 +158,7 @@ class EmbeddingRun:
         if listed.len() == 0:
             raise DataError(f"{cfg.path or 'data'}: no users to embed")
         self.events.cfg = dataclasses.replace(self.data_cfg, batch_size=batch_size or self.data_cfg.batch_size)
-        bar = None
+        bar, embedded = None, 0
         try:
             for start in range(0, listed.len(), chunk_users):
                 chunk = listed.slice(start, chunk_users)
@@ -175,11 +175,14 @@ class EmbeddingRun:
                 self.events.prepared = prepared_of(frame, self.state)
                 vectors = embed_all(self.module, counted(self.datamodule.predict_dataloader(), bar))
                 bar.update(chunk.len() - frame.height)  # users left without events
+                embedded += frame.height
                 yield Embedded(frame["user_id"].to_numpy(), vectors, counts, unseen)
         finally:
             self.events.prepared = None
             if bar is not None:
                 bar.close()
+        if not embedded:
+            raise DataError(f"{cfg.path or 'data'}: no user has an event to embed" + (f" before until={cut}" if cut else ""))
 
     def check_columns(self, source: Any, cfg: DataConfig) -> None:
         """A user or time column read as another kind than in training would silently give other ids or times."""
@@ -212,8 +215,6 @@ class EmbeddingRun:
                 add_counts(counts, c.counts)
                 add_counts(unseen, c.unseen)
             parts = sorted(parts_dir.glob("part-*.parquet"))
-            if not parts:
-                raise DataError(f"{cfg.path or 'data'}: no user has an event to embed" + (f" before until={options['until']}" if options.get("until") else ""))
             atomic_write(out, lambda p: pl.scan_parquet(parts).sink_parquet(p))  # streamed: the parts are never all in memory
         finally:
             shutil.rmtree(parts_dir, ignore_errors=True)

@@ -169,3 +169,13 @@ def test_an_ensemble_run_says_to_embed_with_its_blocks(tmp_path):
     (run_dir / "preprocess.json").write_text(json.dumps({"version": VERSION}))
     with pytest.raises(RunError, match="each of its blocks' runs"):
         load_run(run_dir)
+
+
+def test_until_before_every_event_is_an_error_and_writes_nothing(trained, tmp_path):
+    from datamodules.sources.base import DataError
+
+    new_month().write_csv(tmp_path / "july.csv")
+    out = tmp_path / "out" / "july.parquet"
+    with pytest.raises(DataError, match="no user has an event to embed before until=2000-01-01"):
+        load_run(trained).embed_to(out, tmp_path / "july.csv", until="2000-01-01")
+    assert not any(out.parent.iterdir())
