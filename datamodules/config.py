@@ -83,6 +83,8 @@ class DataConfig:
     """Keep each user's last max_len events."""
     top_k: int = 5000
     """Vocabulary size cap per categorical field (plus 5 reserved ids); also caps a schema field's own top_k."""
+    field_top_k: dict[str, int | None] = field(default_factory=dict)
+    """Per-field vocabulary cap, e.g. {url: 100000, category: null}: replaces top_k and the schema's top_k for that field (null: every value seen in training users)."""
     n_buckets: int = 100
     """Quantile buckets per numeric field."""
     val_fraction: float = 0.1

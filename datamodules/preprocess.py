@@ -121,10 +121,27 @@ def resolve_cutoff(events: pl.LazyFrame, cfg: DataConfig) -> dt.datetime | None:
     return None
 
 
-def fit_vocab(train: pl.LazyFrame, name: str, top_k: int) -> pl.LazyFrame:
-    """Most frequent values first; ties broken by value so the vocabulary is deterministic."""
+def fit_vocab(train: pl.LazyFrame, name: str, top_k: int | None) -> pl.LazyFrame:
+    """Most frequent values first (top_k None: all); ties broken by value so the vocabulary is deterministic."""
     counts = train.select(pl.col(name)).drop_nulls().group_by(name).len()
     return counts.sort(["len", name], descending=[True, False]).head(top_k).select(name)
+
+
+def vocab_cap(f: FieldSpec, cfg: DataConfig) -> int | None:
+    """A categorical field's cap: data.field_top_k's entry (None: uncapped), else the smaller of its schema top_k and data.top_k."""
+    if f.name in cfg.field_top_k:
+        return cfg.field_top_k[f.name]
+    return min(f.top_k or cfg.top_k, cfg.top_k)
+
+
+def check_field_top_k(cfg: DataConfig, schema: EventSchema) -> None:
+    """data.field_top_k must name categorical fields and give caps >= 1: a typo would otherwise change nothing, silently."""
+    names = [f.name for f in schema.of_kind("categorical")]
+    for name, cap in cfg.field_top_k.items():
+        if name not in names:
+            raise DataError(f"data.field_top_k: {name!r} is not a categorical field of this data; categorical fields are {names}")
+        if cap is not None and cap < 1:
+            raise DataError(f"data.field_top_k.{name}: {cap} must be >= 1 or null (uncapped)")
 
 
 def bucket_edges(values: np.ndarray, n_buckets: int) -> np.ndarray:
@@ -144,6 +161,7 @@ def build(source: SourceData, cfg: DataConfig, seed: int, key: str, path: Path) 
     equal times keep the order the source gives them (its files as listed, then rows).
     """
     schema = source.schema
+    check_field_top_k(cfg, schema)
     for t in cfg.targets:
         if t.kind not in KINDS:
             raise DataError(f"data.targets.{t.name}: unknown kind {t.kind!r}; choose from {KINDS}")
@@ -183,7 +201,7 @@ def build(source: SourceData, cfg: DataConfig, seed: int, key: str, path: Path) 
     vocabs: dict[str, list[str]] = {}
     edges: dict[str, list[float]] = {}
     cats = schema.of_kind("categorical")
-    fitted = pl.collect_all([fit_vocab(train, f.name, min(f.top_k or cfg.top_k, cfg.top_k)) for f in cats])
+    fitted = pl.collect_all([fit_vocab(train, f.name, vocab_cap(f, cfg)) for f in cats])
     for f, vocab in zip(cats, fitted):
         vocabs[f.name] = vocab[f.name].to_list()
     for f in schema.of_kind("numeric"):

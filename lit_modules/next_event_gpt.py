@@ -14,6 +14,8 @@ are bucketed with MISSING at missing values) when that field is in `fields`.
 
 from __future__ import annotations
 
+import logging
+
 import lightning.pytorch as L
 import torch
 import torch.nn.functional as F
@@ -21,11 +23,13 @@ from torch import nn
 from transformers import GPT2Config, GPT2Model
 
 from datamodules.fields import with_time
-from datamodules.schema import EOS, MISSING, PAD
+from datamodules.schema import EOS, MISSING, PAD, SOS
 from lit_modules.contract import adamw_with_schedule, log_losses
 from lit_modules.next_event_gpt_config import check_next_event_gpt
 
 INIT_STD = 0.02  # GPT-2's initializer_range, used for the layers added around GPT2Model
+
+log = logging.getLogger(__name__)
 
 
 class NextEventGPT(L.LightningModule):
@@ -41,15 +45,24 @@ class NextEventGPT(L.LightningModule):
     position 0), so with `slice_max < max_len` users longer than `slice_max` are embedded
     through untrained position rows; set `slice_max = max_len` when that matters.
 
+    With `event_types`, every path (training, validation, `embed`) first drops the events of
+    other types and reads the rest in their order (`only_event_types`), so the model reads
+    and predicts only those events. A user with none of them is read as one event whose
+    every token is SOS: their vector is that state, the same for all such users.
+
     Arguments: the keys of `NextEventGPTConfig` (docs there) plus `vocab_sizes`; `fields`
-    are resolved event fields, and the `time` index field (day or week) is read in front.
+    are resolved event fields, and the `time` index field (day or week) is read in front;
+    `event_type_field` and `event_type_ids` are `event_types` as the batch's token ids.
     """
 
     def __init__(
         self,
         vocab_sizes: dict[str, int],
         fields: list[str],
+        event_type_field: str | None,
+        event_type_ids: list[int] | None,
         time: str = "none",
+        event_types: list[str] | None = None,
         value_fields: list[str] | tuple[str, ...] = (),
         predict_fields: list[str] | None = None,
         predict_values: list[str] | tuple[str, ...] = (),
@@ -74,10 +87,15 @@ class NextEventGPT(L.LightningModule):
         predict_fields = list(fields) if predict_fields is None else [str(f) for f in predict_fields]
         predict_values = [str(f) for f in predict_values]
         sampled_negatives = None if sampled_negatives is None else int(sampled_negatives)
+        event_types = None if event_types is None else [str(t) for t in event_types]
+        event_type_ids = None if event_type_ids is None else [int(i) for i in event_type_ids]
+        event_type_field = None if event_type_field is None else str(event_type_field)
         self.save_hyperparameters()
         check_next_event_gpt(self.hparams)
         fields = with_time(fields, time)
         _check_fields(self.hparams, fields)
+        _check_event_types(self.hparams)
+        _note_full_softmax(self.hparams)
         self.fields, self.value_fields = fields, value_fields
         self.predict_fields, self.predict_values = predict_fields, predict_values
 
@@ -118,13 +136,21 @@ class NextEventGPT(L.LightningModule):
 
     # ---------------------------------------------------------------- inputs
 
-    def _view(self, batch: dict, train: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
-        """Tokens, values and lengths the model reads: a random window per user when
-        `train`, else the last `max_len` events. Only the fields this model uses are kept."""
+    def _inputs(self, batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
+        """The fields this model uses, of the events of `event_types` only (all events without it)."""
         lengths = batch["lengths"].to(self.device)
         tok_names = {*self.fields, *self.predict_fields, *(f for f in self.predict_values if f in batch["tokens"])}
         tokens = {f: batch["tokens"][f] for f in tok_names}
         values = {f: batch["values"][f] for f in {*self.value_fields, *self.predict_values}}
+        if self.hparams.event_type_ids is None:
+            return tokens, values, lengths
+        ids = torch.tensor(self.hparams.event_type_ids, device=lengths.device)
+        return only_event_types(tokens, values, lengths, batch["tokens"][self.hparams.event_type_field], ids)
+
+    def _view(self, batch: dict, train: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
+        """Tokens, values and lengths the model reads (see `_inputs`): a random window per user
+        when `train`, else the last `max_len` events."""
+        tokens, values, lengths = self._inputs(batch)
         if train:
             starts, new_lengths = random_windows(lengths, self.hparams.slice_min, self.hparams.slice_max)
         elif lengths.max() > self.hparams.max_len:
@@ -233,6 +259,32 @@ def random_windows(
     return starts.clamp(max=(lengths - size)), size  # clamp guards rand()*room rounding up to room
 
 
+def only_event_types(
+    tokens: dict[str, torch.Tensor], values: dict[str, torch.Tensor], lengths: torch.Tensor, event: torch.Tensor, ids: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
+    """Each user's real events whose `event` token is in `ids`, moved to the front in their order.
+
+    A user left without events becomes one event of SOS tokens (values 0): the model has a
+    position to read, and every such user gets the same vector, whatever the batch.
+    """
+    steps = torch.arange(event.shape[1], device=event.device)[None, :]
+    keep = (steps < lengths[:, None]) & torch.isin(event, ids)
+    new_lengths = keep.sum(1)
+    empty = (new_lengths == 0)[:, None]
+    tokens = {f: front(t, keep) for f, t in tokens.items()}
+    tokens = {f: torch.cat([t[:, :1].masked_fill(empty, SOS), t[:, 1:]], dim=1) for f, t in tokens.items()}
+    return tokens, {f: front(v, keep) for f, v in values.items()}, new_lengths.clamp(min=1)
+
+
+def front(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Row b of [B, T] `x`: its `keep` entries first, in order, then 0; width max(kept per row, 1)."""
+    n = keep.sum(1)
+    width = max(int(n.max()), 1)
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]
+    real = torch.arange(width, device=x.device)[None, :] < n[:, None]
+    return torch.where(real, x.gather(1, order), torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def take_windows(x: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Row b of [B, T] `x` -> x[b, starts[b] : starts[b] + lengths[b]], right-padded with 0 to max(lengths)."""
     width = int(lengths.max())
@@ -260,6 +312,27 @@ def sampled_softmax_loss(
     logits = torch.cat([true_logit, neg_logits], dim=1)
     zeros = torch.zeros(len(target), dtype=torch.long, device=h.device)
     return F.cross_entropy(logits, zeros, reduction="sum") / max(len(target), 1)
+
+
+def _check_event_types(hp: dict) -> None:
+    """`event_types` and their ids come together (the config's data_args maps one to the other)."""
+    names, ids = hp["event_types"], hp["event_type_ids"]
+    if (names is None) != (ids is None) or (names is not None and len(names) != len(ids)):
+        raise ValueError(f"event_types {names} and event_type_ids {ids} do not match: build the model through its config's data_args")
+    if ids is not None and hp["event_type_field"] is None:
+        raise ValueError("event_type_ids need event_type_field, the token field that holds them")
+
+
+def _note_full_softmax(hp: dict) -> None:
+    """Warn when sampled softmax is configured but a predicted field's vocabulary is not larger
+    than the negatives: that field trains with the (exact) full softmax instead. Not an error:
+    small data such as the tests' and the synthetic layout legitimately has small vocabularies."""
+    k = hp["sampled_negatives"]
+    if k is None:
+        return
+    for f in hp["predict_fields"]:
+        if hp["vocab_sizes"][f] <= k:
+            log.warning("%s: vocabulary of %d ids <= sampled_negatives %d: trained with the full softmax", f, hp["vocab_sizes"][f], k)
 
 
 def _check_fields(hp: dict, fields: list[str]) -> None:

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 from datamodules.fields import check_time, check_value_fields, resolve_fields, with_time
+from datamodules.schema import FIRST_ID
 
 SCHEDULES = ("constant", "cosine")  # what lit_modules.contract.adamw_with_schedule does
 
@@ -38,6 +39,9 @@ def check_next_event_gpt(hp: Mapping[str, Any]) -> None:
     if hp["schedule"] not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {hp['schedule']!r}")
     check_time(hp["time"])
+    event_types = hp["event_types"]
+    if event_types is not None and (not event_types or len(set(event_types)) != len(event_types)):
+        raise ValueError(f"event_types must be null or a non-empty list without duplicates, got {event_types}")
 
 
 @dataclass
@@ -54,6 +58,8 @@ class NextEventGPTConfig:
     """Time index field added to the input: none | day | week."""
     value_fields: list[str] = field(default_factory=list)
     """Numeric fields whose raw value (signed log1p) is projected into the input."""
+    event_types: list[str] | None = None
+    """Values of the data's event_type field the model reads and predicts; other events are dropped from each sequence (null: all). Paper: next product = product_buy, add_to_cart, remove_from_cart; next url = page_visit."""
     predict_fields: list[str] | None = None
     """Token fields of the next event to predict by cross-entropy (null: the input fields)."""
     predict_values: list[str] = field(default_factory=list)
@@ -95,4 +101,18 @@ class NextEventGPTConfig:
         check_value_fields(self.value_fields, store, "model.value_fields")
         check_value_fields(self.predict_values, store, "model.predict_values")
         used = dict.fromkeys([*with_time(fields, self.time), *predict])
-        return {"fields": fields, "predict_fields": predict, "vocab_sizes": {f: store.vocab_sizes[f] for f in used}}
+        args = {"fields": fields, "predict_fields": predict, "vocab_sizes": {f: store.vocab_sizes[f] for f in used}}
+        return {**args, **self.event_type_args(data)}
+
+    def event_type_args(self, data: Any) -> dict[str, Any]:
+        """`event_types` as token ids of the schema's event_type field: batches hold ids, the config names."""
+        if self.event_types is None:
+            return {"event_type_field": None, "event_type_ids": None}
+        field_name = data.schema.event_type
+        if field_name is None:
+            raise ValueError("model.event_types: the data schema has no event_type field to filter on")
+        known = data.vocabs[field_name]
+        unknown = [t for t in self.event_types if t not in known]
+        if unknown:
+            raise ValueError(f"model.event_types: {unknown} not event types of this data; known: {known}")
+        return {"event_type_field": field_name, "event_type_ids": [FIRST_ID + known.index(t) for t in self.event_types]}

@@ -1,5 +1,6 @@
 """NextEventGPT on a tiny real store: padding never matters, the loss learns, windows and
-sampled softmax behave, checkpoints load."""
+sampled softmax behave, checkpoints load, `event_types` filters what the model reads
+(here and on the recsys2025 layout, as next_url trains)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,16 @@ import math
 
 import numpy as np
 import pytest
+import lightning.pytorch as L
 import torch
 import torch.nn.functional as F
 
 import lit_modules.next_event_gpt as gpt_module
-from datamodules.schema import FIRST_ID, MISSING
+from datamodules.schema import FIRST_ID, MISSING, SOS
 from datamodules.sequences import Collator, SequenceStore
-from lit_modules.next_event_gpt import NextEventGPT, random_windows, sampled_softmax_loss, signed_log1p, take_windows
-from tests.helpers import loader, quiet_trainer, with_pad_columns
+from lit_modules.next_event_gpt import NextEventGPT, front, random_windows, sampled_softmax_loss, signed_log1p, take_windows
+from lit_modules.next_event_gpt_config import NextEventGPTConfig
+from tests.helpers import data_args_for, loader, quiet_trainer, with_pad_columns
 
 N_USERS = 40
 VOCAB = {"event": FIRST_ID + 4, "item": FIRST_ID + 8, "price": FIRST_ID + 4, "unused": FIRST_ID + 3}
@@ -24,9 +27,16 @@ ARGS = dict(
     value_fields=["price"],
     predict_fields=["event", "item"],
     predict_values=["price"],
+    event_type_field=None,
+    event_type_ids=None,
 )
 SMALL = dict(hidden=16, layers=2, heads=2, dropout=0.0, max_len=48, slice_min=4, slice_max=16)
 TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def only_types(model_kw: dict, types: list[int]) -> dict:
+    """`model_kw` plus a filter on event types `types` (0..3) of the tiny store's `event` field."""
+    return {**model_kw, "event_types": [f"t{t}" for t in types], "event_type_field": "event", "event_type_ids": [FIRST_ID + t for t in types]}
 
 
 def make_store(seed: int = 0) -> SequenceStore:
@@ -211,7 +221,7 @@ def test_sampled_softmax_touches_only_sampled_and_true_rows() -> None:
     assert set(torch.nonzero(bias.grad).flatten().tolist()) == touched
 
 
-def test_model_uses_sampled_softmax_only_in_training(collate: Collator, monkeypatch) -> None:
+def test_model_uses_sampled_softmax_only_in_training(collate: Collator, monkeypatch, caplog) -> None:
     calls = []
 
     def spy(h, weight, bias, target, negatives):
@@ -219,7 +229,9 @@ def test_model_uses_sampled_softmax_only_in_training(collate: Collator, monkeypa
         return sampled_softmax_loss(h, weight, bias, target, negatives)
 
     monkeypatch.setattr(gpt_module, "sampled_softmax_loss", spy)
-    model = make_model(sampled_negatives=10)  # event (9 ids) fits: full softmax; item (13 ids): sampled
+    with caplog.at_level("WARNING", logger=gpt_module.__name__):
+        model = make_model(sampled_negatives=10)  # event (9 ids) fits: full softmax; item (13 ids): sampled
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["event"]  # the full-softmax field is named
     batch = collate([39, 30, 12])
     parts = model.losses(batch, train=True)
     assert calls == [(VOCAB["item"], 10)]
@@ -261,8 +273,113 @@ def test_checkpoint_round_trip(store: SequenceStore, collate: Collator, tmp_path
         (dict(slice_max=64, max_len=48), "max_len"),
         (dict(sampled_negatives=0), "sampled_negatives"),
         (dict(schedule="linear"), "schedule"),
+        (dict(event_types=["t1"]), "do not match"),
+        (dict(event_type_field="event", event_type_ids=[FIRST_ID]), "do not match"),
+        (dict(event_types=[], event_type_field="event", event_type_ids=[]), "event_types"),
+        (dict(event_types=["t1"], event_type_ids=[FIRST_ID]), "event_type_field"),
     ],
 )
 def test_bad_args_raise(kw: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         NextEventGPT(**{**ARGS, **SMALL, **kw})
+
+
+# ---------------------------------------------------------------- event_types
+
+
+def store_of_types(store: SequenceStore, types: list[int]) -> tuple[SequenceStore, np.ndarray]:
+    """The store's events of these types only, users without any left out; and the rows kept."""
+    keep = np.isin(store.tokens["event"], [FIRST_ID + t for t in types])
+    counts = np.add.reduceat(keep, store.offsets[:-1])
+    rows = np.flatnonzero(counts)
+    offsets = np.concatenate([[0], np.cumsum(counts[rows])]).astype(np.int64)
+    sub = SequenceStore(
+        user_ids=store.user_ids[rows], offsets=offsets, tokens={f: t[keep] for f, t in store.tokens.items()},
+        values={f: v[keep] for f, v in store.values.items()}, times=store.times[keep], vocab_sizes=VOCAB,
+    )  # fmt: skip
+    return sub, rows
+
+
+def test_front_moves_kept_entries_first_in_order() -> None:
+    x = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]])
+    keep = torch.tensor([[False, True, False, True], [False, False, False, False], [True, False, False, False]])
+    assert front(x, keep).tolist() == [[2, 4], [0, 0], [9, 0]]
+
+
+@torch.no_grad()
+def test_event_types_read_exactly_the_events_of_those_types(store: SequenceStore, collate: Collator) -> None:
+    """Filtered inside the model = an unfiltered model (same weights) on a store holding only those events."""
+    sub, rows = store_of_types(store, [1, 3])
+    filtered = make_model(**only_types({}, [1, 3]), max_len=16).eval()
+    plain = make_model(max_len=16).eval()
+    picks = [0, 1, len(rows) - 1, 7]  # short users and the longest (cut to max_len after filtering)
+    full, part = collate(rows[picks].tolist()), Collator(sub)(picks)
+    torch.testing.assert_close(filtered.embed(full), plain.embed(part), **TOL)
+    for name, value in filtered.losses(full).items():
+        torch.testing.assert_close(value, plain.losses(part)[name], **TOL)
+    torch.manual_seed(3)
+    a = total_loss(filtered, full, train=True)
+    torch.manual_seed(3)
+    torch.testing.assert_close(a, total_loss(plain, part, train=True), **TOL)  # training windows too
+
+
+@torch.no_grad()
+def test_user_without_those_events_gets_the_sos_state(store: SequenceStore, collate: Collator) -> None:
+    """A one-event sequence of SOS tokens: the same vector for every such user, whatever the batch, and no loss."""
+    lone = [r for r in range(N_USERS) if store.lengths[r] == 1][0]
+    absent = [t for t in range(4) if store.tokens["event"][store.offsets[lone]] != FIRST_ID + t]
+    model = make_model(**only_types({}, absent[:1])).eval()
+    z = model.embed(collate([lone, 39, 12]))
+    assert torch.isfinite(z).all()
+    torch.testing.assert_close(model.embed(collate([lone]))[0], z[0], **TOL)
+    sos = {"lengths": torch.tensor([1]), "tokens": {f: torch.full((1, 1), SOS) for f in store.tokens}, "values": {"price": torch.zeros(1, 1)}}
+    torch.testing.assert_close(make_model().eval().embed(sos)[0], z[0], **TOL)
+    assert (z[0] - z[1]).abs().max() > 1e-3
+    assert total_loss(model, collate([lone, lone])).item() == 0.0
+
+
+def test_bad_event_types_name_the_known_values(recsys_prepared) -> None:
+    with pytest.raises(ValueError, match=r"\['page_vist'\] not event types of this data; known: .*'page_visit'"):
+        NextEventGPTConfig(event_types=["page_visit", "page_vist"]).data_args(recsys_prepared)
+
+
+@pytest.fixture(scope="module")
+def recsys_prepared(recsys_dir, tmp_path_factory):
+    from datamodules.config import DataConfig
+    from datamodules.preprocess import prepare
+    from experiments.config import compose, to_dataclass
+
+    cfg = compose(["experiment=next_url_recsys2025", *data_args_for("recsys2025", None, None, recsys_dir, tmp_path_factory.mktemp("gpt"))])
+    return prepare(to_dataclass(cfg.data, DataConfig), cfg.seed)
+
+
+def test_next_url_trains_and_validates_on_page_visits_only(recsys_prepared) -> None:
+    """What the preset's model reads in a training and a validation step: per user, a window (or the tail)
+    of their page visits' urls, in order; never a purchase's missing url."""
+    from omegaconf import OmegaConf
+
+    from experiments.build import build_module
+    from experiments.config import compose
+
+    config = OmegaConf.to_object(compose(["experiment=next_url_recsys2025", "model.hidden=16", "model.layers=1", "model.heads=2"]).model)
+    assert config.event_types == ["page_visit"]
+    model = build_module(config, recsys_prepared)
+    store = recsys_prepared.store
+    page_visit = FIRST_ID + recsys_prepared.vocabs["event_type"].index("page_visit")
+    read, original = [], model._view
+    model._view = lambda batch, train: read.append((train, batch["index"], original(batch, train))) or read[-1][2]
+    rows = np.arange(len(store))
+    fit = L.Trainer(fast_dev_run=True, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    fit.fit(model, loader(store, shuffle=True), torch.utils.data.DataLoader(rows, batch_size=32, collate_fn=Collator(store)))
+    assert {train for train, *_ in read} == {True, False}
+    for train, index, (tokens, _, lengths) in read:
+        for i, row in enumerate(index.tolist()):
+            events = slice(store.offsets[row], store.offsets[row + 1])
+            urls = store.tokens["url"][events][store.tokens["event_type"][events] == page_visit].tolist()
+            got = tokens["url"][i, : lengths[i]].tolist()
+            assert MISSING not in got and urls, row
+            assert is_window(got, urls) if train else got == urls[-config.max_len :], row
+
+
+def is_window(part: list, whole: list) -> bool:
+    return any(whole[s : s + len(part)] == part for s in range(len(whole) - len(part) + 1))

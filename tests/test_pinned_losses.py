@@ -66,6 +66,17 @@ def test_next_event_gpt_pinned_loss(events):
     assert metrics["val/loss"] == pytest.approx(PINNED["next_event_gpt"], rel=REL)
 
 
+def test_next_event_gpt_event_types_pinned_loss(events):
+    """The same model reading and predicting purchases only (refunds dropped from every sequence)."""
+    config = NextEventGPTConfig(
+        fields=["merchant"], event_types=["purchase"], value_fields=["amount"], predict_values=["amount"], hidden=16, layers=1,
+        heads=2, max_len=16, slice_min=2, slice_max=16, warmup_steps=1, schedule="cosine",
+    )
+    metrics = fit_briefly(config, events)
+    assert {"train/loss_merchant", "val/loss_amount_mae"} <= set(metrics)
+    assert metrics["val/loss"] == pytest.approx(PINNED["next_event_gpt_event_types"], rel=REL)
+
+
 def test_llm4es_pinned_loss(events, tiny_lm):
     config = LLM4ESConfig(model_path=str(tiny_lm), from_layer=-2, lr=1e-3, warmup_steps=1, max_tokens=64)
     metrics = fit_briefly(config, events)
@@ -84,6 +95,7 @@ def test_lm_features_pinned_embedding(events, tiny_lm):
 PINNED = {
     "gru_autoencoder": 11.019826,
     "next_event_gpt": 6.4127498,
+    "next_event_gpt_event_types": 4.4670568,
     "llm4es": 10.152400,
     "lm_features": 10.355422,
 }
