@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from experiments.ensemble import EnsembleConfig
 from lit_modules.gru_autoencoder_config import GRUAutoencoderConfig
+from lit_modules.ials_config import IALSConfig
 from lit_modules.llm4es_config import LLM4ESConfig, LMFeaturesConfig
 from lit_modules.next_event_gpt_config import NextEventGPTConfig
 
@@ -33,5 +34,6 @@ METHODS: dict[str, Method] = {
     "next_event_gpt": Method(NextEventGPTConfig, "lit_modules.next_event_gpt:NextEventGPT"),
     "llm4es": Method(LLM4ESConfig, "lit_modules.llm4es:LLM4ESFinetune"),
     "lm_features": Method(LMFeaturesConfig, "lit_modules.llm4es:LMFeatureExtractor"),
+    "ials": Method(IALSConfig, "lit_modules.ials:IALS"),
     "ensemble": Method(EnsembleConfig, None),
 }
