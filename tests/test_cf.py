@@ -1,4 +1,5 @@
-"""The collaborative-filtering blocks: iALS (fold-in against implicit's fitted item factors).
+"""The collaborative-filtering blocks: iALS (fold-in against implicit's fitted item factors) and LightFM
+(users from their features against lightfm's fitted user feature embeddings).
 
 Every experiment preset is also smoke-run and re-embedded through experiments.embed in
 tests/test_run.py; here what is particular to the methods.
@@ -19,6 +20,8 @@ from experiments.build import build_module
 from experiments.config import compose, to_dataclass
 from lit_modules.ials import IALS, fit_als, fold_in
 from lit_modules.ials_config import IALSConfig
+from lit_modules.lightfm_block import fit_lightfm
+from lit_modules.lightfm_block_config import LightFMConfig
 from tests.helpers import with_pad_columns
 
 
@@ -168,3 +171,93 @@ def test_module_checks_its_arguments():
 
     with pytest.raises(ValueError, match="iterations"):
         IALS(3, None, [], csr_matrix((0, 3)), iterations=0)
+
+
+@pytest.fixture(scope="module")
+def recsys_lightfm(recsys_dir, tmp_path_factory):
+    """(config, prepared data, module) of lightfm_recsys2025 (the paper's weights, name codes, query codes)."""
+    config, prepared = prepared_for("lightfm_recsys2025", f"data.path={recsys_dir}", f"data.cache_dir={tmp_path_factory.mktemp('cache')}")
+    return config, prepared, build_module(config, prepared)
+
+
+def test_lightfm_embeds_training_users_as_lightfm_represents_them(recsys_lightfm):
+    """The module's embeddings are lightfm's; embed from the batch equals get_user_representations of the training feature rows."""
+    config, prepared, module = recsys_lightfm
+    fit_data = config.data_args(prepared)["fit_data"]
+    model = fit_lightfm(fit_data, config.factors, config.loss, config.learning_rate, config.item_alpha, config.user_alpha, config.epochs, config.random_state)
+    np.testing.assert_array_equal(module.user_feature_embeddings.numpy(), model.user_embeddings)
+    train = np.flatnonzero(~prepared.is_val)
+    x = module.embed(Collator(prepared.store)(train.tolist())).numpy()
+    _, expected = model.get_user_representations(fit_data["user_features"])
+    np.testing.assert_allclose(x, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_lightfm_user_features_are_weighted_items_and_query_code_shares(recsys_lightfm):
+    """One user by hand: item block = summed paper weights / their absolute sum; query block = mean one-hot of (position, code) / 16."""
+    config, prepared, module = recsys_lightfm
+    store, types = prepared.store, prepared.vocabs["event_type"]
+    weight = {FIRST_ID + types.index(t): w for t, w in config.weights.items()}
+    fit_data = config.data_args(prepared)["fit_data"]
+    train = np.flatnonzero(~prepared.is_val)
+    has_query = [(i, u) for i, u in enumerate(train) if (store.codes["query"][store.offsets[u] : store.offsets[u + 1], 0] > MISSING).any()]
+    i, u = has_query[0]
+    events = slice(store.offsets[u], store.offsets[u + 1])
+    cells = np.zeros(module.hparams.n_items)
+    for sku, kind in zip(store.tokens["sku"][events], store.tokens["event_type"][events]):
+        if sku > MISSING:
+            cells[sku] += weight.get(int(kind), 0.0)
+    queries = store.codes["query"][events]
+    queries = queries[queries[:, 0] > MISSING]
+    vocab = store.vocab_sizes["query"]
+    shares = np.zeros(16 * vocab)
+    np.add.at(shares, (queries + vocab * np.arange(16)).ravel(), 1.0 / queries.size)
+    row = fit_data["user_features"][i].toarray().ravel()
+    np.testing.assert_allclose(row, np.concatenate([cells / max(np.abs(cells).sum(), 1e-38), shares]), rtol=1e-6, atol=1e-7)
+
+
+def test_lightfm_embed_is_deterministic_and_ignores_padding_and_batch_mates(recsys_lightfm):
+    config, prepared, module = recsys_lightfm
+    torch.testing.assert_close(build_module(config, prepared).user_feature_embeddings, module.user_feature_embeddings, rtol=0, atol=0)
+    collate = Collator(prepared.store)
+    rows = [0, 9, 33, 70]
+    batch = collate(rows)
+    x = module.embed(batch)
+    assert x.shape == (4, config.factors)
+    padded = {**with_pad_columns(batch), "codes": {f: torch.nn.functional.pad(c, (0, 0, 0, 7)) for f, c in batch["codes"].items()}}
+    torch.testing.assert_close(module.embed(padded), x)
+    torch.testing.assert_close(torch.cat([module.embed(collate([r])) for r in rows]), x)
+
+
+def test_lightfm_user_without_items_or_queries_gets_zeros_and_queries_alone_suffice(recsys_lightfm):
+    """A new user who only visited pages has no feature at all: zeros. One with a search query alone: that query's codes."""
+    _, prepared, module = recsys_lightfm
+    batch = Collator(prepared.store)([0, 1])
+    types = prepared.vocabs["event_type"]
+    visit, search = FIRST_ID + types.index("page_visit"), FIRST_ID + types.index("search_query")
+    batch["tokens"]["event_type"][:] = torch.tensor([[visit], [search]])
+    batch["tokens"]["sku"][:] = MISSING
+    batch["codes"]["query"][0] = MISSING
+    batch["codes"]["query"][1] = FIRST_ID + torch.arange(16)
+    x = module.embed(batch)
+    assert torch.all(x[0] == 0)
+    vocab = prepared.store.vocab_sizes["query"]
+    first = module.hparams.n_items + vocab * torch.arange(16) + FIRST_ID + torch.arange(16)
+    torch.testing.assert_close(x[1], module.user_feature_embeddings[first].mean(0))
+
+
+def test_lightfm_rebuilt_without_data_has_the_shape_to_load_into(recsys_lightfm):
+    config, prepared, module = recsys_lightfm
+    empty = build_module(config, type(prepared)(**{**vars(prepared), "store": empty_store_like(prepared), "is_val": np.zeros(0, bool)}))
+    assert empty.user_feature_embeddings.shape == module.user_feature_embeddings.shape and not empty.user_feature_embeddings.any()
+    empty.load_state_dict(module.state_dict())
+    batch = Collator(prepared.store)([3, 4])
+    torch.testing.assert_close(empty.embed(batch), module.embed(batch), rtol=0, atol=0)
+
+
+def test_lightfm_bad_values_raise(recsys_lightfm):
+    with pytest.raises(ValueError, match="loss"):
+        LightFMConfig(loss="warp-kos")
+    with pytest.raises(ValueError, match="epochs"):
+        LightFMConfig(epochs=0)
+    with pytest.raises(ValueError, match="model.user_features: 'queries'"):
+        LightFMConfig(user_features=["queries"]).data_args(recsys_lightfm[1])
