@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from experiments.ensemble import EnsembleConfig
 from lit_modules.gru_autoencoder_config import GRUAutoencoderConfig
+from lit_modules.ials_config import IALSConfig
+from lit_modules.lightfm_block_config import LightFMConfig
 from lit_modules.llm4es_config import LLM4ESConfig, LMFeaturesConfig
 from lit_modules.next_event_gpt_config import NextEventGPTConfig
 
@@ -33,5 +35,7 @@ METHODS: dict[str, Method] = {
     "next_event_gpt": Method(NextEventGPTConfig, "lit_modules.next_event_gpt:NextEventGPT"),
     "llm4es": Method(LLM4ESConfig, "lit_modules.llm4es:LLM4ESFinetune"),
     "lm_features": Method(LMFeaturesConfig, "lit_modules.llm4es:LMFeatureExtractor"),
+    "ials": Method(IALSConfig, "lit_modules.ials:IALS"),
+    "lightfm": Method(LightFMConfig, "lit_modules.lightfm_block:LightFMBlock"),
     "ensemble": Method(EnsembleConfig, None),
 }
