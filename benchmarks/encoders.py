@@ -37,10 +37,14 @@ def gru_autoencoder(vocab_sizes: dict[str, int], max_len: int) -> Any:
 
 @encoder("next_event_gpt")
 def next_event_gpt(vocab_sizes: dict[str, int], max_len: int) -> Any:
-    """next_product: event type, category, price; hidden 128, 4 blocks, 4 heads; positions = max_len."""
+    """next_product: event type, category, price; hidden 128, 4 blocks, 4 heads; positions = max_len.
+
+    Every event is read (no event_types filter): the factory knows vocabulary sizes, not the event types' names.
+    """
     from lit_modules.next_event_gpt import NextEventGPT
 
     kwargs = preset("next_product")
+    kwargs.update(event_types=None, event_type_field=None, event_type_ids=None)
     fields = kwargs.pop("fields")
     predict = kwargs.pop("predict_fields") or fields
     kwargs.update(max_len=max_len, slice_min=min(kwargs["slice_min"], max_len), slice_max=max_len)

@@ -197,9 +197,10 @@ def run(cfg: DictConfig, command: str | None = None, extra_callbacks: list | Non
     if module is not None and any(p.requires_grad for p in module.parameters()):
         last = resumed / "checkpoints" / "last.ckpt" if resumed else None
         embeddings, metrics, step = fit_and_embed(cfg, datamodule, module, loggers, run_dir, resume_from=last, extra_callbacks=extra_callbacks)
-    elif module is not None:  # a frozen feature extractor: nothing to fit
+    elif module is not None:  # a frozen feature extractor, or a method fitted while built (iALS, LightFM): nothing for Lightning to fit
         from evaluation.embed import embed_all
 
+        metrics["time/fit_seconds"] = getattr(module, "fit_seconds", 0.0)
         embeddings = embed_all(module, datamodule.predict_dataloader())
     if not writer:  # another rank of a distributed run: rank 0 evaluates once and writes
         return None

@@ -14,6 +14,12 @@ torch-free) registered in `lit_modules/registry.py`:
   (resolved field names, vocabulary sizes). tests/test_methods.py enforces it.
 - `embed(batch) -> Tensor[B, D]`: float, one row per user in batch order, independent of
   batch mates and padding; called in eval mode.
+- State: everything `embed` needs lives in the module's parameters and buffers (saved as
+  model.safetensors). `experiments.embed.load_run` rebuilds the module from its config and
+  the run's saved preprocessing with an empty store (no users), then loads those weights:
+  a constructor must work without training data. A module without trainable parameters is
+  not fitted by Lightning: it is embedded as built (a frozen LM; iALS and LightFM fit
+  their factors in the constructor from `data_args` and report `fit_seconds`).
 - Losses: logged through `log_losses` only: `<stage>/loss` (`val/loss` is what checkpoints
   and early stopping monitor) and `<stage>/loss_<part>` (what the non-finite guard names).
 - May override `configure_optimizers`; a warmup/cosine schedule comes from `adamw_with_schedule`.

@@ -59,13 +59,9 @@ def test_config_keys_are_the_constructor_parameters_with_the_same_defaults(name)
             assert want == got, f"{name}.{key}: config default {want!r}, constructor default {got!r}"
 
 
-# Presets no committed experiment names (GPU-sized variants), and the experiment whose data they are for.
-WITHOUT_EXPERIMENT = {"next_url_paper": "next_url_recsys2025"}
-
-
 def experiments_by_model_preset() -> dict[str, str]:
     """An experiment for each model preset: the first committed one that names it (the data it was written for)."""
-    out = dict(WITHOUT_EXPERIMENT)
+    out: dict[str, str] = {}
     for exp in presets("experiment"):
         raw = yaml.safe_load((CONFIG_DIR / "experiment" / f"{exp}.yaml").read_text())
         out.setdefault(raw["defaults"]["model"], exp)
