@@ -1,9 +1,14 @@
 """GRU sequence autoencoder ("Encode Me If You Can", RecSys Challenge 2025).
 
-An encoder GRU reads a user's events; its last layer's final hidden state is the user
-vector. A decoder GRU, started from that vector and fed it at every step, reconstructs
-the events field by field with teacher forcing. Unlike the reference code, a user's
-vector never sees pad steps and does not depend on the batch it was computed in.
+An encoder GRU reads a user's events, each field's ids wrapped in start/end markers
+(SOS e_1 .. e_n EOS, `markers`); its last layer's state at EOS is the user vector. A
+decoder GRU, every layer started from that vector, reconstructs the events field by
+field with teacher forcing: step t reads event t-1 (SOS at t=0) plus the user vector and
+predicts event t, then EOS. The user vector enters each decoder step as the paper has it,
+added to the event vector (`decoder_input="add"`), or concatenated to it ("concat").
+Field embeddings are summed into the event vector, or concatenated (`combine`, the
+paper's day_event_type). Unlike the reference code, a user's vector never sees pad steps
+and does not depend on the batch it was computed in.
 
 Two GRU paths compute the same numbers (`gru_path`): "packed" runs both GRUs on packed
 sequences; "trimmed" cuts the batch to its longest user, runs the GRUs over the
@@ -40,6 +45,12 @@ class GRUAutoencoder(L.LightningModule):
     token fields not in `fields` and `values` are ignored. Arguments: the keys of
     `GRUAutoencoderConfig` (docs there) plus `vocab_sizes`; `fields` are resolved event
     fields, and the `time` index field (day or week) is read in front of them.
+
+    With decoder_input="add" and hidden != event size (emb_dim, or emb_dim x fields with
+    combine="concat"), `user_proj` (a learned linear map, hidden -> event size) brings the
+    user vector to the event vector's size before the sum; with equal sizes the vector is
+    added as is, as in the reference code. The exported user vector is the encoder state
+    itself, never its projection.
     """
 
     def __init__(
@@ -52,6 +63,8 @@ class GRUAutoencoder(L.LightningModule):
         layers: int = 2,
         dropout: float = 0.1,
         combine: str = "sum",
+        decoder_input: str = "add",
+        markers: bool = True,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         codes_events: int = 4,
@@ -61,7 +74,7 @@ class GRUAutoencoder(L.LightningModule):
         # checkpoint loads with weights_only=True.
         vocab_sizes = {str(f): int(n) for f, n in vocab_sizes.items()}
         fields = [str(f) for f in fields]
-        check_gru_autoencoder(combine, time)
+        check_gru_autoencoder(combine, time, decoder_input)
         self.save_hyperparameters()
         fields = with_time(fields, time)
         _check_fields(vocab_sizes, fields)
@@ -74,7 +87,9 @@ class GRUAutoencoder(L.LightningModule):
         event_dim = emb_dim * len(fields) if combine == "concat" else emb_dim
         gru_dropout = dropout if layers > 1 else 0.0
         self.encoder = nn.GRU(event_dim, hidden, num_layers=layers, dropout=gru_dropout, batch_first=True)
-        self.decoder = nn.GRU(event_dim + hidden, hidden, num_layers=layers, dropout=gru_dropout, batch_first=True)
+        add = decoder_input == "add"
+        self.decoder = nn.GRU(event_dim if add else event_dim + hidden, hidden, num_layers=layers, dropout=gru_dropout, batch_first=True)
+        self.user_proj = nn.Linear(hidden, event_dim) if add and hidden != event_dim else nn.Identity()
         self.heads = nn.ModuleList(nn.Linear(hidden, vocab_sizes[f]) for f in fields)
         # Where each field's rows start in the concatenated table of `_events`; not saved
         # (derived from the vocab sizes), so checkpoints keep their keys.
@@ -123,8 +138,13 @@ class GRUAutoencoder(L.LightningModule):
         longest = int(lengths.max())
         return [t[:, :longest] for t in tokens], lengths
 
+    def _encoder_input(self, tokens: list[torch.Tensor], lengths: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """What the encoder reads: the events, wrapped in markers when `markers` is on."""
+        return with_markers(tokens, lengths) if self.hparams.markers else (tokens, lengths)
+
     def _encode(self, tokens: list[torch.Tensor], lengths: torch.Tensor) -> torch.Tensor:
-        """The encoder's last-layer state at each user's last real step [B, hidden]."""
+        """The encoder's last-layer state at each user's last real step (EOS with markers) [B, hidden]."""
+        tokens, lengths = self._encoder_input(tokens, lengths)
         x = self._events(tokens)
         if self._packed():
             packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
@@ -152,8 +172,7 @@ class GRUAutoencoder(L.LightningModule):
         dec_lengths = lengths + 1
 
         prev = [F.pad(t, (1, 0), value=SOS) for t in tokens]
-        x = self._events(prev)
-        x = torch.cat([x, z[:, None, :].expand(B, T + 1, z.shape[-1])], dim=-1)
+        x = self._decoder_input(self._events(prev), z)
         # Every decoder layer starts from the user vector (not the encoder's lower layers'
         # states), so all the decoder knows about the user passes through the exported vector.
         h_0 = z[None].expand(self.hparams.layers, B, z.shape[-1]).contiguous()
@@ -167,6 +186,12 @@ class GRUAutoencoder(L.LightningModule):
         # Only real positions reach the heads: pads are neither scored nor paid for.
         real = torch.arange(T + 1, device=out.device)[None, :] < dec_lengths[:, None].to(out.device)
         return self.field_losses(out[real], real, tokens, lengths)
+
+    def _decoder_input(self, events: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Each step's decoder input [B, T, *]: its event vector plus, or next to, the user vector."""
+        if self.hparams.decoder_input == "add":
+            return events + self.user_proj(z)[:, None, :]
+        return torch.cat([events, z[:, None, :].expand(*events.shape[:2], z.shape[-1])], dim=-1)
 
     def field_losses(self, out: torch.Tensor, real: torch.Tensor, tokens: list[torch.Tensor], lengths: torch.Tensor) -> dict[str, torch.Tensor]:
         """Cross-entropy per field over the decoder states of real positions: every event, then EOS after the last."""
@@ -199,6 +224,17 @@ def _check_fields(vocab_sizes: dict[str, int], fields: list[str]) -> None:
             raise ValueError(f"field {f!r} has no vocabulary size; known fields: {sorted(vocab_sizes)}")
         if vocab_sizes[f] <= EOS:
             raise ValueError(f"vocab size of {f!r} is {vocab_sizes[f]}; it must cover the reserved ids 0..{EOS}")
+
+
+def with_markers(tokens: list[torch.Tensor], lengths: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Right-padded ids [B, T] per field -> [B, T+2] as SOS e_1 .. e_n EOS PAD .., and lengths + 2.
+
+    EOS goes right after each user's own last event (not at the batch's last column), so
+    the encoder's state at the new last real step has read no pad.
+    """
+    end = (lengths + 1)[:, None].to(tokens[0].device)
+    wrapped = [F.pad(F.pad(t, (1, 0), value=SOS), (0, 1), value=PAD).scatter(1, end, EOS) for t in tokens]
+    return wrapped, lengths + 2
 
 
 def codes_tail(codes: torch.Tensor, lengths: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

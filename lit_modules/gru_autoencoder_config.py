@@ -12,12 +12,15 @@ from typing import Any, ClassVar
 from datamodules.fields import check_time, resolve_fields, with_time
 
 COMBINE_MODES = ("sum", "concat")
+DECODER_INPUTS = ("add", "concat")
 
 
-def check_gru_autoencoder(combine: str, time: str) -> None:
+def check_gru_autoencoder(combine: str, time: str, decoder_input: str) -> None:
     """Checks shared by the config and the module's constructor."""
     if combine not in COMBINE_MODES:
         raise ValueError(f"combine must be one of {COMBINE_MODES}, got {combine!r}")
+    if decoder_input not in DECODER_INPUTS:
+        raise ValueError(f"decoder_input must be one of {DECODER_INPUTS}, got {decoder_input!r}")
     check_time(time)
 
 
@@ -42,7 +45,12 @@ class GRUAutoencoderConfig:
     dropout: float = 0.1
     """Dropout between GRU layers."""
     combine: str = "sum"
-    """How field embeddings form the event vector: sum | concat."""
+    """How field embeddings form the event vector: sum (emb_dim wide) | concat (emb_dim x fields; the paper's day_event_type)."""
+    decoder_input: str = "add"
+    """Decoder input per step: add = event vector + user vector (the paper; a linear map brings the user vector to the
+    event vector's size when hidden differs from it) | concat = the two side by side."""
+    markers: bool = True
+    """Encoder reads each field as SOS e_1 .. e_n EOS (the paper) and the user vector is its state at EOS; false: e_1 .. e_n."""
     lr: float = 1e-3
     """Learning rate (AdamW)."""
     weight_decay: float = 0.0
@@ -51,7 +59,7 @@ class GRUAutoencoderConfig:
     """sku_text variant (fields = [a codes field]): read the codes of this many last events carrying codes."""
 
     def __post_init__(self) -> None:
-        check_gru_autoencoder(self.combine, self.time)
+        check_gru_autoencoder(self.combine, self.time, self.decoder_input)
 
     def data_args(self, data: Any) -> dict[str, Any]:
         """Constructor arguments that come from the data: resolved field names and their vocabulary sizes."""

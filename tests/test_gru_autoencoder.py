@@ -1,4 +1,5 @@
-"""GRUAutoencoder on a tiny real store: padding never matters, the loss learns, checkpoints load."""
+"""GRUAutoencoder on a tiny real store: padding never matters, the loss learns, checkpoints load,
+markers and the decoder input are what the paper describes."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.schema import FIRST_ID
+from datamodules.schema import EOS, FIRST_ID, PAD, SOS
 from datamodules.sequences import Collator, SequenceStore
 from lit_modules.gru_autoencoder import GRUAutoencoder
 from tests.helpers import loader, quiet_trainer, with_pad_columns
@@ -62,9 +63,11 @@ def total_loss(model: GRUAutoencoder, batch: dict) -> torch.Tensor:
     return torch.stack(list(model.losses(batch).values())).sum()
 
 
+@pytest.mark.parametrize("markers", [True, False])
+@pytest.mark.parametrize("combine", ["sum", "concat"])
 @torch.no_grad()
-def test_embed_ignores_padding_and_batch_mates(collate: Collator) -> None:
-    model = make_model().eval()
+def test_embed_ignores_padding_and_batch_mates(collate: Collator, markers: bool, combine: str) -> None:
+    model = make_model(markers=markers, combine=combine).eval()
     rows = [3, 0, 29, 12]  # lengths 4, 1, 30, 13
     batch = collate(rows)
     z = model.embed(batch)
@@ -84,9 +87,10 @@ def test_embed_ignores_unused_fields(collate: Collator) -> None:
     torch.testing.assert_close(model.embed(shuffled), model.embed(batch))
 
 
+@pytest.mark.parametrize("decoder_input, markers", [("add", True), ("concat", False)])
 @torch.no_grad()
-def test_loss_ignores_padding(collate: Collator) -> None:
-    model = make_model().eval()
+def test_loss_ignores_padding(collate: Collator, decoder_input: str, markers: bool) -> None:
+    model = make_model(decoder_input=decoder_input, markers=markers).eval()
     batch = collate([7, 0, 22, 29])
     ref = model.losses(batch)
     padded = model.losses(with_pad_columns(batch))
@@ -103,8 +107,9 @@ def test_initial_loss_is_uniform_guess(collate: Collator) -> None:
     assert loss == pytest.approx(expected, rel=0.03)
 
 
-def test_loss_falls_with_training(store: SequenceStore, collate: Collator) -> None:
-    model = make_model(lr=1e-2)
+@pytest.mark.parametrize("decoder_input", ["add", "concat"])
+def test_loss_falls_with_training(store: SequenceStore, collate: Collator, decoder_input: str) -> None:
+    model = make_model(lr=1e-2, decoder_input=decoder_input)
     full = collate(list(range(N_USERS)))
     with torch.no_grad():
         before = total_loss(model, full).item()
@@ -117,19 +122,79 @@ def test_loss_falls_with_training(store: SequenceStore, collate: Collator) -> No
     assert after < 0.5 * before, (before, after)
 
 
-def test_concat_mode(collate: Collator) -> None:
-    model = make_model(combine="concat").eval()
-    assert model.encoder.input_size == len(FIELDS) * SMALL["emb_dim"]
+@torch.no_grad()
+def test_encoder_reads_each_field_between_markers(collate: Collator) -> None:
+    """SOS, the user's own events, EOS right after their last event, then pads; the vector is the state at EOS."""
+    model = make_model().eval()
+    rows = [3, 0, 29, 12]
+    batch = with_pad_columns(collate(rows))
+    tokens, lengths = model._trimmed_view(batch)
+    ids, enc_lengths = model._encoder_input(tokens, lengths)
+    assert enc_lengths.tolist() == [n + 2 for n in lengths.tolist()] and ids[0].shape[1] == int(lengths.max()) + 2
+    for f, wrapped in zip(FIELDS, ids):
+        for i, n in enumerate(lengths.tolist()):
+            assert wrapped[i, 0] == SOS and wrapped[i, n + 1] == EOS, (f, i)
+            assert wrapped[i, 1 : n + 1].tolist() == batch["tokens"][f][i, :n].tolist()
+            assert (wrapped[i, n + 2 :] == PAD).all()
+    plain = make_model(markers=False).eval()  # same weights: markers add no parameters
+    assert plain._encoder_input(tokens, lengths)[1].tolist() == lengths.tolist()
+    out, _ = model.encoder(model._events(ids))
+    at_eos = out[torch.arange(len(rows)), enc_lengths - 1]
+    torch.testing.assert_close(model.embed(batch), at_eos, atol=1e-6, rtol=1e-6)
+    assert (model.embed(batch) - plain.embed(batch)).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_markers_wrap_the_codes_sequence() -> None:
+    codes = torch.tensor([[[7, 8], [9, 10]], [[11, 12], [0, 0]]])
+    batch = {"index": torch.arange(2), "lengths": torch.tensor([2, 1]), "tokens": {}, "values": {}, "codes": {"name": codes}}
+    model = GRUAutoencoder({"name": 20}, ["name"], emb_dim=8, hidden=16, layers=1, codes_events=2).eval()
+    ids, lengths = model._encoder_input(*model._view(batch))
+    assert lengths.tolist() == [6, 4]
+    assert ids[0].tolist() == [[SOS, 7, 8, 9, 10, EOS], [SOS, 11, 12, EOS, PAD, PAD]]
+
+
+@torch.no_grad()
+def test_decoder_input_add_and_concat(collate: Collator) -> None:
+    """add: event vector + the user vector, projected when hidden != event size; concat: the two side by side."""
     batch = collate([1, 2, 3])
+    add, concat = make_model(decoder_input="add").eval(), make_model(decoder_input="concat").eval()
+    assert add.decoder.input_size == SMALL["emb_dim"] and isinstance(add.user_proj, torch.nn.Linear)
+    assert concat.decoder.input_size == SMALL["emb_dim"] + SMALL["hidden"] and isinstance(concat.user_proj, torch.nn.Identity)
+    events, z = torch.randn(3, 5, SMALL["emb_dim"]), torch.randn(3, SMALL["hidden"])
+    torch.testing.assert_close(add._decoder_input(events, z), events + add.user_proj(z)[:, None])
+    torch.testing.assert_close(concat._decoder_input(events, z)[:, 4, SMALL["emb_dim"] :], z)
+    la, lc = total_loss(add, batch), total_loss(concat, batch)
+    assert torch.isfinite(la) and torch.isfinite(lc) and abs(la - lc) > 1e-4
+    same = make_model(decoder_input="add", emb_dim=SMALL["hidden"])  # sizes match: the vector is added as is
+    assert isinstance(same.user_proj, torch.nn.Identity)
+    torch.testing.assert_close(same._decoder_input(torch.zeros(3, 5, SMALL["hidden"]), z), z[:, None].expand(3, 5, -1))
+
+
+def test_concat_combine_dims(collate: Collator) -> None:
+    """Concatenated field embeddings: emb_dim x fields wide, each field's slice its own lookup."""
+    model = make_model(combine="concat").eval()
+    width = len(FIELDS) * SMALL["emb_dim"]
+    assert model.encoder.input_size == model.decoder.input_size == width == SMALL["hidden"]
+    assert isinstance(model.user_proj, torch.nn.Identity)  # 2 x 8 = hidden 16, as the paper's 2 x 64 = 128
+    batch = collate([1, 2, 3])
+    tokens = [batch["tokens"][f] for f in FIELDS]
     with torch.no_grad():
+        events = model._events(tokens)
+        assert events.shape == (*tokens[0].shape, width)
+        for k, (emb, t) in enumerate(zip(model.embeddings, tokens)):
+            torch.testing.assert_close(events[..., k * SMALL["emb_dim"] : (k + 1) * SMALL["emb_dim"]], emb(t))
         assert model.embed(batch).shape == (3, SMALL["hidden"])
         assert torch.isfinite(total_loss(model, batch))
+    wide = make_model(combine="concat", decoder_input="concat")
+    assert wide.decoder.input_size == width + SMALL["hidden"]
 
 
 @pytest.mark.parametrize(
     "kw, match",
     [
         (dict(combine="mean"), "combine"),
+        (dict(decoder_input="mul"), "decoder_input"),
         (dict(fields=[]), "at least one"),
         (dict(fields=["event", "nope"]), "nope"),
         (dict(fields=["event", "event"]), "duplicates"),
@@ -142,14 +207,15 @@ def test_bad_args_raise(kw: dict, match: str) -> None:
 
 
 def test_checkpoint_round_trip(store: SequenceStore, collate: Collator, tmp_path) -> None:
-    model = make_model(combine="concat", dropout=0.1)
+    model = make_model(combine="concat", decoder_input="concat", markers=False, dropout=0.1)
     fit = quiet_trainer(max_epochs=1)
     fit.fit(model, loader(store, shuffle=False), loader(store, shuffle=False))
     assert "val/loss" in fit.callback_metrics
     path = tmp_path / "gru_ae.ckpt"
     fit.save_checkpoint(path)
     loaded = GRUAutoencoder.load_from_checkpoint(path, weights_only=True).eval()
-    assert loaded.hparams.combine == "concat" and loaded.fields == FIELDS
+    assert loaded.hparams.combine == loaded.hparams.decoder_input == "concat" and not loaded.hparams.markers
+    assert loaded.fields == FIELDS
     batch = collate([0, 9, 29])
     model.eval()
     with torch.no_grad():
@@ -188,14 +254,14 @@ def test_codes_field_model_trains_and_is_pad_invariant():
     assert torch.isfinite(torch.stack(list(model.losses(batch).values()))).all()
 
 
-@pytest.mark.parametrize("combine", ["sum", "concat"])
-def test_trimmed_path_equals_packed_path(collate: Collator, combine: str) -> None:
+@pytest.mark.parametrize("combine, decoder_input, markers", [("sum", "add", True), ("concat", "add", True), ("sum", "concat", False)])
+def test_trimmed_path_equals_packed_path(collate: Collator, combine: str, decoder_input: str, markers: bool) -> None:
     """The CPU default (trimmed padding, state read at the last real step) computes what the packed GRUs compute:
     losses, gradients and vectors, on a batch with extra pad columns so the trim has something to cut."""
     batch = with_pad_columns(collate([7, 0, 22, 29, 3]))
     results = {}
     for path in ("packed", "trimmed"):
-        model = make_model(combine=combine)  # same seed, same weights; dropout 0 so train mode is deterministic
+        model = make_model(combine=combine, decoder_input=decoder_input, markers=markers)  # same seed, same weights; dropout 0 so train mode is deterministic
         model.gru_path = path
         losses = model.losses(batch)
         torch.stack(list(losses.values())).sum().backward()

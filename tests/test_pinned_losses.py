@@ -49,11 +49,15 @@ def tiny_lm(tmp_path_factory):
     return save_random_causal_lm(out, num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64)
 
 
-def test_gru_autoencoder_pinned_loss(events):
-    config = GRUAutoencoderConfig(time="day", emb_dim=8, hidden=16, layers=1, dropout=0.0)
+@pytest.mark.parametrize(
+    "pin, options", [("gru_autoencoder", {}), ("gru_autoencoder_concat_no_markers", dict(decoder_input="concat", markers=False))]
+)
+def test_gru_autoencoder_pinned_loss(events, pin, options):
+    """The defaults (user vector added, markers on), and the options that reproduce the earlier model exactly."""
+    config = GRUAutoencoderConfig(time="day", emb_dim=8, hidden=16, layers=1, dropout=0.0, **options)
     metrics = fit_briefly(config, events)
     assert {"train/loss_day", "train/loss_event_type", "val/loss_merchant"} <= set(metrics)
-    assert metrics["val/loss"] == pytest.approx(PINNED["gru_autoencoder"], rel=REL)
+    assert metrics["val/loss"] == pytest.approx(PINNED[pin], rel=REL)
 
 
 def test_next_event_gpt_pinned_loss(events):
@@ -93,7 +97,8 @@ def test_lm_features_pinned_embedding(events, tiny_lm):
 
 
 PINNED = {
-    "gru_autoencoder": 11.019826,
+    "gru_autoencoder": 11.035914,
+    "gru_autoencoder_concat_no_markers": 11.019826,  # the pin before decoder_input/markers existed
     "next_event_gpt": 6.4127498,
     "next_event_gpt_event_types": 4.4670568,
     "llm4es": 10.152400,
