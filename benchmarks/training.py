@@ -42,15 +42,16 @@ def padded_losses(model: Any, batch: dict) -> dict:
     if model.combine != "sum":
         raise ValueError("the reference way sums the field embeddings; this model concatenates them")
     tokens, lengths = model._view(batch)
-    B, T = tokens[0].shape
+    B = tokens[0].shape[0]
 
     def events(ids: list) -> Any:
         return torch.stack([emb(t) for emb, t in zip(model.embeddings, ids)]).sum(0)
 
-    enc, _ = model.encoder(events(tokens))
-    z = enc[torch.arange(B), lengths - 1]
+    enc_tokens, enc_lengths = model._encoder_input(tokens, lengths)  # SOS .. EOS when the model's markers are on
+    enc, _ = model.encoder(events(enc_tokens))
+    z = enc[torch.arange(B), enc_lengths - 1]
     prev = [F.pad(t, (1, 0), value=SOS) for t in tokens]
-    x = torch.cat([events(prev), z[:, None, :].expand(B, T + 1, z.shape[-1])], dim=-1)
+    x = model._decoder_input(events(prev), z)  # the user vector added (the reference's way) or concatenated
     out, _ = model.decoder(x, z[None].expand(model.hparams.layers, B, z.shape[-1]).contiguous())
     losses = {}
     for f, head, t in zip(model.fields, model.heads, tokens):

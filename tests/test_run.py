@@ -37,13 +37,21 @@ def backbone_args(experiment: str, random_lm_dir, tiny_causal_lm_dir) -> list[st
     return args
 
 
+def smoke_size_args(experiment: str) -> list[str]:
+    """Paper-size GRU autoencoders shrunk for the smoke run: the experiment's data, layers and options stay, the widths go to 32."""
+    model = experiment_section(experiment, "model")
+    if model["name"] == "gru_autoencoder" and model.get("hidden", 0) > 128:
+        return ["model.hidden=32", "model.emb_dim=32"]
+    return []
+
+
 @pytest.mark.parametrize("name", presets("experiment"))
 def test_every_experiment_smoke_runs(name, csv_data, ml100k_cache, recsys_dir, random_lm_dir, tiny_causal_lm_dir, tmp_path):
     """Data and backbone come from each experiment's own config (its data source, its model folders)."""
     out = tmp_path / "out"
     common = ["trainer.fast_dev_run=true", f"output_dir={out}", "run_name=smoke", "logger.wandb=false"]
     data = data_args(experiment_source(name), csv_data, ml100k_cache, tmp_path, recsys_dir)
-    args = [f"experiment={name}", *common, *data, *backbone_args(name, random_lm_dir, tiny_causal_lm_dir)]
+    args = [f"experiment={name}", *common, *data, *backbone_args(name, random_lm_dir, tiny_causal_lm_dir), *smoke_size_args(name)]
     cfg = compose(args)
     if cfg.model.name == "ensemble":  # its blocks are finished runs: make them first, then point the ensemble at them
         for block in cfg.model.blocks:
