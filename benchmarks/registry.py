@@ -24,6 +24,7 @@ MODULES = (
     "benchmarks.inference",
     "benchmarks.llm",
     "benchmarks.scaling",
+    "benchmarks.embedding",
 )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +104,21 @@ def test_run_writes_results_and_plots(cache: Path, tmp_path: Path) -> None:
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_embed_benchmark_measures_each_chunk_size(cache: Path, tmp_path: Path) -> None:
+    from benchmarks.run import main
+
+    assert main(["embed", *TINY, "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "embed.json").read_text())
+    assert result["parameters"]["users"] > 0 and result["parameters"]["events"] > result["parameters"]["users"]
+    embeds = [r for r in result["rows"] if r["side"] == "embed"]
+    assert len({r["chunk"] for r in embeds}) == 2 and embeds[0]["chunks"] > embeds[1]["chunks"] == 1
+    for r in embeds:
+        assert math.isfinite(r["peak_MB"]) and r["peak_MB"] >= r["base_MB"] > 0
+        assert math.isfinite(r["users/s"]) and r["users/s"] > 0
+    (load,) = [r for r in result["rows"] if r["side"] == "load"]
+    assert load["peak_MB"] > 0 and load["frame_MB"] >= 0
+
+
 @pytest.mark.slow
 def test_llm_packed_and_padded_agree(cache: Path, tmp_path: Path) -> None:
     from benchmarks.run import main
@@ -120,7 +136,7 @@ def test_registry_rejects_duplicates_and_unknown_names() -> None:
     from benchmarks.run import main
 
     load_all()
-    assert {"preprocess", "loading", "training", "inference", "llm", "scaling"} <= set(BENCHMARKS)
+    assert {"preprocess", "loading", "training", "inference", "llm", "scaling", "embed"} <= set(BENCHMARKS)
     with pytest.raises(ValueError, match="registered twice"):
         benchmark("loading")(lambda scale, repeats, out: None)
     with pytest.raises(SystemExit):
