@@ -68,8 +68,8 @@ class EmbedConfig:
     """Parquet file to write (user_id, embedding), with <out>.json beside it (default: <run>/embed/<data hash>.parquet)."""
     batch_size: int | None = None
     """Users per batch (default: the run's data.batch_size)."""
-    chunk_users: int = 50000
-    """Users read, encoded and embedded at once: peak memory follows this, not the size of the input."""
+    chunk_users: int = 20000
+    """Users read, encoded and embedded at once: peak memory follows this, not the size of the input (about 2 GB at 20,000 users of 90 events: docs/benchmarks.md)."""
     until: str | None = None
     """Leave out events at or after this time: an ISO datetime, or 'cutoff' for the run's own history cutoff (default: every event)."""
     weights: str | None = None
@@ -125,7 +125,7 @@ class EmbeddingRun:
 
     def chunks(
         self, data: str | Path | pl.DataFrame | None = None, *, until: str | dt.datetime | None = None, users: Sequence[str] | None = None,
-        chunk_users: int = 50000, batch_size: int | None = None, progress: bool = False,
+        chunk_users: int = 20000, batch_size: int | None = None, progress: bool = False,
     ) -> Iterator[Embedded]:
         """Embeddings of the users of `data` (or of `users` among them), one chunk of sorted users at a time."""
         from tqdm import tqdm

@@ -104,6 +104,7 @@ def test_run_writes_results_and_plots(cache: Path, tmp_path: Path) -> None:
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow  # trains a run and starts four processes: about a minute of CPU, too much for `make test`'s 15 minutes
 def test_embed_benchmark_measures_each_chunk_size(cache: Path, tmp_path: Path) -> None:
     from benchmarks.run import main
 
