@@ -101,11 +101,12 @@ def recsys_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def random_lm_dir(tmp_path_factory) -> Path:
-    """The random-weights MiniLM comparator, as `python -m lit_modules.random_lm` writes it."""
+def tiny_minilm_dir(tmp_path_factory) -> Path:
+    """MiniLM's architecture and tokenizer at 4 layers x 64 wide, random weights: the smoke runs' stand-in backbone."""
     from lit_modules.random_lm import save_random_causal_lm
 
-    return save_random_causal_lm(tmp_path_factory.mktemp("models") / "minilm_random")
+    sizes = dict(num_hidden_layers=4, hidden_size=64, num_attention_heads=2, intermediate_size=128)  # 4: LLM4ES pools from layer -4
+    return save_random_causal_lm(tmp_path_factory.mktemp("models") / "minilm_tiny", **sizes)
 
 
 @pytest.fixture(scope="session")
