@@ -54,7 +54,7 @@ def write_embeddings(path: Path, user_ids, embeddings) -> None:
 def export_submission(prepared, embeddings, out: Path, embedder=None) -> int:
     """The challenge's submission for its relevant clients; a client without history gets the mean of the others.
 
-    With `embedder` (an experiments.embed.EmbeddingRun of this run) the relevant clients are
+    With `embedder` (an experiments.finished_run.EmbeddingRun of this run) the relevant clients are
     embedded from the source's events by the trained model, through the path that embeds
     new data; an ensemble (no model of its own) exports its vectors of the prepared users.
     The relevant clients are the list preprocessing kept from the source (every user when
@@ -233,7 +233,7 @@ def run(cfg: DictConfig, command: str | None = None, extra_callbacks: list | Non
     if cfg.export_submission:
         embedder = None
         if module is not None:
-            from experiments.embed import EmbeddingRun
+            from experiments.finished_run import EmbeddingRun
 
             embedder = EmbeddingRun(run_dir, cfg, state_of(prepared.meta), module)
         metrics["data/relevant_clients_without_history"] = export_submission(prepared, embeddings, run_dir / "submission", embedder)
