@@ -133,7 +133,7 @@ def test_rebuilt_without_data_it_has_the_shape_to_load_into(ml100k_items):
 
 def empty_store_like(prepared):
     from datamodules.encode import state_of
-    from experiments.embed import empty_store
+    from experiments.finished_run import empty_store
 
     return empty_store(state_of(prepared.meta))
 
