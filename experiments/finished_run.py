@@ -14,7 +14,6 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
-import logging
 import os
 import shutil
 import sys
@@ -34,7 +33,6 @@ from datamodules.config import DataConfig, LabelsConfig
 from datamodules.sources.base import DataError, UserRange
 from experiments.config import ConfigError, to_dataclass
 
-log = logging.getLogger("experiments.embed")
 STATE_FILE, WEIGHTS_FILE = "preprocess.json", "model.safetensors"
 CHUNK_USERS = 20_000  # about 2 GB on 10M generated challenge events (docs/benchmarks.md)
 
