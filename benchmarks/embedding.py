@@ -37,7 +37,7 @@ def train_run(events: int, batches: int) -> Path:
     data, _ = recsys_data(events)
     out = common.DATA_CACHE / "runs"
     run_dir = out / "gru_ae_recsys2025" / f"{data.name}-b{batches}"
-    if (run_dir / "metrics.json").is_file():  # written last: a finished run
+    if (run_dir / "metrics.json").is_file() and loads(run_dir):  # metrics.json is written last: a finished run
         return run_dir
     shutil.rmtree(run_dir, ignore_errors=True)
     args = [
@@ -50,6 +50,17 @@ def train_run(events: int, batches: int) -> Path:
     if proc.returncode != 0 or not (run_dir / "model.safetensors").is_file():
         raise RuntimeError(f"training the benchmark's run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return run_dir
+
+
+def loads(run_dir: Path) -> bool:
+    """Whether this code still loads the cached run (a run made before a model change does not: train it again)."""
+    from experiments.finished_run import RunError, load_run
+
+    try:
+        load_run(run_dir)
+    except RunError:
+        return False
+    return True
 
 
 def parquet_mb(folder: Path) -> float:
