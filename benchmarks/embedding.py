@@ -131,7 +131,7 @@ def measure_embed(run_dir: Path, data: Path, chunk: int, out: Path) -> dict[str,
     summary = run.embed_to(out, data, chunk_users=chunk)
     seconds = time.perf_counter() - t0
     listed = source_users(run.data_config(data)).len()
-    return {"seconds": seconds, "users": summary["users"], "events": summary["counts"]["events"], "listed": listed, "peak_rss_mb": common.peak_rss_mb(), "base_rss_mb": base}
+    return {"seconds": seconds, "users": summary["rows"], "events": summary["counts"]["events"], "listed": listed, "peak_rss_mb": common.peak_rss_mb(), "base_rss_mb": base}
 
 
 def measure_load(data: Path) -> dict[str, Any]:
