@@ -81,6 +81,8 @@ class DataConfig:
     """Length of the future target window after the cutoff."""
     max_len: int = 128
     """Keep each user's last max_len events."""
+    event_types: list[str] | None = None
+    """Keep only history events of these types (the schema's event_type field) before the last-max_len cut, e.g. [search_query] for a block that reads a user's last 90 searches; users with none drop out. Target windows still count every event."""
     top_k: int = 5000
     """Vocabulary size cap per categorical field (plus 5 reserved ids); also caps a schema field's own top_k."""
     field_top_k: dict[str, int | None] = field(default_factory=dict)

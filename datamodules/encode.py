@@ -21,7 +21,7 @@ from datamodules.sources.base import DataError
 
 STATE_KEYS = (
     "version", "source", "schema", "vocabs", "edges", "vocab_sizes", "value_fields", "code_fields",
-    "t0", "cutoff", "max_len", "column_types",
+    "t0", "cutoff", "max_len", "event_types", "column_types",
 )  # fmt: skip
 """The part of a cache's meta.json a run saves as preprocess.json: all that encoding new events needs."""
 
@@ -138,11 +138,24 @@ def schema_of(state: dict) -> EventSchema:
     return EventSchema(s["user"], s["time"], [FieldSpec(**f) for f in s["fields"]], s["event_type"])
 
 
+def of_event_types(raw: pl.DataFrame, event_type: str | None, types: list[str] | None) -> np.ndarray:
+    """bool [N]: the events whose type is in `types` (all of them when `types` is empty or None)."""
+    if not types:
+        return np.ones(raw.height, dtype=bool)
+    if event_type is None:
+        raise DataError(f"data.event_types {types}: the schema has no event_type field to filter on")
+    column = raw[event_type].cast(pl.String)
+    unknown = sorted(set(types) - set(column.unique().drop_nulls().to_list()))
+    if unknown:
+        raise DataError(f"data.event_types: {unknown} never occur in the {event_type!r} column; types are {sorted(column.unique().drop_nulls().to_list())}")
+    return column.is_in(types).fill_null(False).to_numpy()
+
+
 def encode_events(raw: pl.DataFrame, state: dict, until: dt.datetime | None = None) -> tuple[pl.DataFrame, dict[str, int], dict[str, int]]:
     """New events (a source's frame) -> (users.parquet-style frame, counts, unseen values per field) with a run's state.
 
-    As in training: exact duplicates dropped, events at or after `until` left out, each
-    user's last max_len events kept. The unseen counts are the kept events whose value
+    As in training: exact duplicates dropped, events at or after `until` and events of
+    other types than the run's `event_types` left out, each user's last max_len events kept. The unseen counts are the kept events whose value
     the run's vocabulary does not hold (mapped to RARE), per field.
     """
     schema = schema_of(state)
@@ -152,6 +165,7 @@ def encode_events(raw: pl.DataFrame, state: dict, until: dt.datetime | None = No
     use = ~o.duplicate
     if until is not None:
         use &= (raw["time"] < until).to_numpy()  # as the cache's cutoff: the same comparison, the same events
+    use &= of_event_types(raw, schema.event_type, state["event_types"])
     keep = last_events(o.order[use[o.order]], o.user, state["max_len"])
     t0 = dt.datetime.fromisoformat(state["t0"])
     exprs = token_exprs(schema, state["vocabs"], state["edges"], state["vocab_sizes"], t0)

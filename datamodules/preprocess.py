@@ -26,7 +26,7 @@ import numpy as np
 import polars as pl
 
 from datamodules.config import DataConfig
-from datamodules.encode import check_codes, event_order, last_events, schema_of, sequence_frame, token_exprs
+from datamodules.encode import check_codes, event_order, last_events, of_event_types, schema_of, sequence_frame, token_exprs
 from datamodules.schema import DAY_FIELD, FIRST_ID, WEEK_FIELD, EventSchema, FieldSpec
 from datamodules.store import SequenceStore
 from datamodules.sources import load_source, source_files
@@ -35,7 +35,7 @@ from datamodules.targets import FUTURE_KINDS, KINDS, MULTILABEL, STATIC_KINDS, T
 
 log = logging.getLogger(__name__)
 
-VERSION = 4  # bump when the cached layout or its meaning changes (3: meta.json holds relevant_users; 4: the state runs save, datamodules/encode.py)
+VERSION = 5  # bump when the cached layout or its meaning changes (3: meta.json holds relevant_users; 4: the state runs save, datamodules/encode.py; 5: event_types)
 CACHE_IRRELEVANT = ("batch_size", "bucket_by_length", "num_workers", "cache_dir")
 CACHE_FILES = ("users.parquet", "targets.parquet")
 
@@ -185,6 +185,9 @@ def build(source: SourceData, cfg: DataConfig, seed: int, key: str, path: Path) 
         window_end = cutoff + dt.timedelta(days=cfg.window_days)
         future = events.filter((pl.col("time") >= cutoff) & (pl.col("time") < window_end)).collect()
         counts["events_after_cutoff"] = int((~duplicate).sum() - in_history.sum())
+    of_types = of_event_types(raw, schema.event_type, cfg.event_types)
+    counts["history_events_of_other_types"] = int((in_history & ~of_types).sum())
+    in_history &= of_types
 
     per_user = np.bincount(user[in_history], minlength=all_users.len())
     ranks = np.flatnonzero(per_user)
@@ -256,6 +259,7 @@ def build(source: SourceData, cfg: DataConfig, seed: int, key: str, path: Path) 
         "cutoff": cutoff.isoformat() if cutoff else None,
         "t0": t0.isoformat(),
         "max_len": cfg.max_len,
+        "event_types": cfg.event_types,
         "column_types": source.column_types,
         "n_users": frame.height,
         "n_val_users": int(val.sum()),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from datamodules.schema import FIRST_ID
 from datamodules.sources import recsys2025
 from datamodules.sources.base import DataError
 from datamodules.synthetic import EVENT_TABLES, generate_recsys2025, main
@@ -108,6 +110,26 @@ def test_preprocessing_keeps_the_relevant_clients(copy, tmp_path):
     (copy / "input" / "relevant_clients.npy").unlink()
     without = prepare(cfg)
     assert without.path != built.path and without.meta["relevant_users"] is None
+
+
+def test_event_types_keep_one_kind_of_history_and_new_data_follows(copy, events, tmp_path):
+    """data.event_types filters the history before the last-max_len cut; embedding new events applies the same filter."""
+    from datamodules.config import DataConfig
+    from datamodules.encode import encode_events, state_of
+    from datamodules.preprocess import prepare
+
+    cfg = DataConfig(source="recsys2025", path=str(copy), cache_dir=str(tmp_path / "cache"), max_len=8, event_types=["search_query"])
+    prepared = prepare(cfg)
+    searchers = events.filter(pl.col("event_type") == "search_query")["user_id"].unique()
+    assert sorted(prepared.store.user_ids.tolist()) == sorted(searchers.to_list())
+    types = prepared.meta["vocabs"]["event_type"]
+    kept = {types[int(i) - FIRST_ID] for i in prepared.store.tokens["event_type"]}
+    assert kept == {"search_query"}
+    assert prepared.meta["counts"]["history_events_of_other_types"] > 0
+    frame, counts, _ = encode_events(recsys2025.load(copy).events.collect(), state_of(prepared.meta))
+    assert frame["user_id"].sort().to_list() == sorted(searchers.to_list())
+    with pytest.raises(DataError, match=r"data.event_types: \['serach_query'\] never occur"):
+        prepare(dataclasses.replace(cfg, event_types=["serach_query"]))
 
 
 def test_datetime_timestamps_and_list_queries_are_accepted(copy, events):
