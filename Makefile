@@ -41,11 +41,14 @@ SWEEP ?= gru_ae_ml100k
 sweep: $(STAMP)
 	$(BIN)/python -m sweeps.run sweep=$(SWEEP) $(ARGS)
 
-# Regenerate reports/encode_me.md: every row's experiment on ml100k and on a generated
-# recsys2025 layout, then the ensembles, then the report (about an hour on 2 CPU cores).
-ENCODE_ME_ML100K := gru_ae_ml100k gru_ae_week_all_ml100k gru_ae_day_event_type_ml100k next_item_ml100k ensemble_ml100k
+# Regenerate reports/encode_me.md: every row's experiment on ml100k and on a RecSys 2025 layout
+# (generated unless RECSYS_DATA names the official files), then the ensembles, then the report.
+ENCODE_ME_ML100K := gru_ae_ml100k gru_ae_week_all_ml100k gru_ae_day_event_type_ml100k gru_ae_week_all_paper_ml100k \
+	next_item_ml100k ials_item_ml100k ials_genre_ml100k lightfm_ml100k lm_features ensemble_ml100k
 ENCODE_ME_RECSYS := gru_ae_recsys2025 gru_ae_week_all_recsys2025 gru_ae_day_event_type_recsys2025 gru_ae_sku_text_recsys2025 \
-	next_product_recsys2025 next_url_recsys2025 ensemble_recsys2025
+	next_product_recsys2025 next_url_recsys2025 ials_category_recsys2025 ials_url_recsys2025 lightfm_recsys2025 \
+	lm_all_recsys2025 lm_search_recsys2025 ensemble_recsys2025
+RECSYS_DATA ?= data/recsys2025_synth
 
 data/recsys2025_synth/product_buy.parquet: | $(STAMP)
 	$(BIN)/python -m datamodules.synthetic recsys2025 --clients 4000 --seed 0 --out data/recsys2025_synth
@@ -60,6 +63,7 @@ report-llm4es: $(STAMP) models/minilm_random/config.json
 	for e in $(REPORT_LLM4ES); do $(BIN)/python -m experiments.run experiment=$$e || exit 1; done
 	$(BIN)/python -m reports.build llm4es
 
-report-encode-me: $(STAMP) data/recsys2025_synth/product_buy.parquet
-	for e in $(ENCODE_ME_ML100K) $(ENCODE_ME_RECSYS); do $(BIN)/python -m experiments.run experiment=$$e || exit 1; done
+report-encode-me: $(STAMP) $(RECSYS_DATA)/product_buy.parquet
+	for e in $(ENCODE_ME_ML100K); do $(BIN)/python -m experiments.run experiment=$$e || exit 1; done
+	for e in $(ENCODE_ME_RECSYS); do $(BIN)/python -m experiments.run experiment=$$e data.path=$(RECSYS_DATA) || exit 1; done
 	$(BIN)/python -m reports.build encode_me

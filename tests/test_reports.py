@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
-from reports import build as reports
+import pytest
+
+from reports import build, table as reports
+from reports.specs import REPORTS
 
 
 def fake_run(root, experiment, metrics, command):
@@ -25,8 +29,9 @@ def test_section_rows_sums_commands_and_verdict(tmp_path):
                                  "baseline/handcrafted/probe_test/y/auc": 0.55}, "python -m experiments.run experiment=exp_a")
     fake_run(tmp_path, "exp_b", {"probe_test/x/auc": 0.65, "probe_test/y/auc": 0.75}, "python -m experiments.run experiment=exp_b")
     fake_run(tmp_path, "exp_e", {"probe_test/x/auc": 0.66, "probe_test/y/auc": 0.7}, "python -m experiments.run experiment=exp_e")
-    report = reports.Report(title="t", intro="i", sections=[section], paper="p", single_rows=["A", "B", "handcrafted"],
-                            claims=[("B", "A"), ("A", "B"), ("A", "C")])
+    findings = [reports.Finding("B beats A", ("B",), ("A",)), reports.Finding("A beats B", ("A",), ("B",)),
+                reports.Finding("A beats C", ("A",), ("C",)), reports.Finding("unknown rows", ("Z",), ("A",))]
+    report = reports.Report(title="t", intro="i", sections=[section], paper="p", single_rows=["A", "B", "handcrafted"], findings=findings)
     text = "\n".join(reports.section_table(section, tmp_path, report))
     assert "| A | 0.600 | 0.700 | 1.300 |" in text
     assert "| handcrafted | 0.500 | 0.550 | 1.050 |" in text
@@ -34,9 +39,10 @@ def test_section_rows_sums_commands_and_verdict(tmp_path):
     assert "| C | — | — | — | not run yet: `python -m experiments.run experiment=exp_c`" in text
     assert "the ensemble's Sum 1.360 is NOT as good as the best single learned block, B (1.400)" in text
     assert "is at least as good as the best single block (handcrafted included), B (1.400)" not in text
-    assert '- Claim "B beats A" holds here: Sum 1.400 vs 1.300.' in text
-    assert '- Claim "A beats B" does NOT hold here: Sum 1.300 vs 1.400.' in text
-    assert "- A vs C: not both runs are finished, no verdict." in text
+    assert '- Claim "B beats A" holds here: B 1.400 vs A 1.300 (Sum).' in text
+    assert '- Claim "A beats B" does NOT hold here: A 1.300 vs B 1.400 (Sum).' in text
+    assert '- Claim "A beats C": not all of its runs are finished, no verdict.' in text
+    assert "unknown rows" not in text  # a claim about rows this section does not have is not printed
 
 
 def test_verdict_needs_both_sides():
@@ -45,3 +51,40 @@ def test_verdict_needs_both_sides():
     both = reports.verdict({"A": 1.0, "handcrafted": 1.2, "ensemble": 1.1}, ["A", "handcrafted"], "ensemble")
     assert "at least as good as the best single learned block, A (1.000)" in both
     assert "NOT as good as the best single block (handcrafted included), handcrafted (1.200)" in both
+
+
+def test_a_group_claim_compares_the_best_of_each_side():
+    sums = {"GRU a": 2.0, "GRU b": 2.6, "LM": 2.5, "iALS": 2.1}
+    line = reports.finding_line(sums, reports.Finding("GRU beats the rest", ("GRU a", "GRU b"), ("LM", "iALS", "missing")))
+    assert line == '- Claim "GRU beats the rest" holds here: GRU b 2.600 vs LM 2.500 (Sum).'
+
+
+def test_rows_on_different_data_are_flagged(tmp_path):
+    section = reports.Section(title="toy", data_note="note", rows=[("A", "exp_a"), ("B", "exp_b")],
+                              columns=[reports.Column("x", "probe_test/x/auc")], baselines_from="exp_a")
+    for name, path in (("exp_a", "data/one"), ("exp_b", "data/two")):
+        run = fake_run(tmp_path, name, {"probe_test/x/auc": 0.6}, f"python -m experiments.run experiment={name}")
+        (run / "config.yaml").write_text(f"data:\n  source: recsys2025\n  path: {path}\n")
+    report = reports.Report(title="t", intro="i", sections=[section], paper="p")
+    text = "\n".join(reports.section_table(section, tmp_path, report))
+    assert "**The rows ran on different data**" in text and "A: recsys2025 `data/one`" in text and "B: recsys2025 `data/two`" in text
+
+
+def test_no_finished_run_leaves_the_committed_report_alone(tmp_path, capsys):
+    committed = build.REPORT_DIR / "encode_me.md"
+    before = committed.read_bytes()
+    assert build.main(["encode_me", "--outputs", str(tmp_path)]) == 1
+    assert committed.read_bytes() == before
+    err = capsys.readouterr().err
+    assert "left as it is" in err and "make report-encode-me" in err
+
+
+@pytest.mark.parametrize("name", sorted(REPORTS))
+def test_every_report_row_is_an_experiment_and_make_runs_it(name):
+    """The report, its experiments and its Makefile target stay in sync."""
+    root = Path(__file__).parents[1]
+    makefile = set((root / "Makefile").read_text().split())
+    for section in REPORTS[name].sections:
+        for label, experiment in section.rows:
+            assert (root / "experiments" / "configs" / "experiment" / f"{experiment}.yaml").is_file(), (label, experiment)
+            assert experiment in makefile, f"{experiment} ({label}) is not run by {build.MAKE_TARGETS[name]}"
