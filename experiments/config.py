@@ -28,6 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 from datamodules.config import DataConfig
 from evaluation.baselines import BASELINES
 from evaluation.splits import DEFAULT_FRACTIONS, check_fractions
+from experiments.overrides import dataclass_of, field_types, typed_dotlist
 from lit_modules.registry import METHODS
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -211,24 +212,6 @@ def parse_args(args: list[str]) -> tuple[str | None, dict[str, str], list[str]]:
     return split_words(args, "experiment", GROUPS)
 
 
-def field_types(cls: type) -> dict[str, Any]:
-    """Type hints of the dataclass's fields (class attributes such as a method's `inputs` are not keys)."""
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-def dataclass_of(tp: Any) -> type | None:
-    """The dataclass inside a type hint (X, X | None), if any."""
-    if dataclasses.is_dataclass(tp):
-        return tp
-    if typing.get_origin(tp) in (list, dict):
-        return None
-    for arg in typing.get_args(tp):
-        if dataclasses.is_dataclass(arg):
-            return arg
-    return None
-
-
 def check_keys(values: Any, cls: type, prefix: str) -> None:
     """Every key in `values` must be a field of `cls` (recursively); raise naming the nearest one."""
     if not isinstance(values, dict):
@@ -258,6 +241,16 @@ def missing_keys(values: Any, prefix: str = "") -> list[str]:
     return [prefix.rstrip(".")] if values == "???" else []
 
 
+def model_choice(layers: list[dict], overrides: list[str]) -> str | None:
+    """The method name the composed config will have: the last `model.name=` word, else the last layer's."""
+    for word in reversed(overrides):
+        if word.startswith("model.name="):
+            return word.split("=", 1)[1]
+    names = [(layer.get("model") or {}).get("name") for layer in layers if isinstance(layer.get("model"), dict)]
+    names = [n for n in names if n]
+    return names[-1] if names else None
+
+
 def compose(args: list[str]) -> DictConfig:
     """The fully resolved, validated run config for these command-line words."""
     experiment, groups, overrides = parse_args(args)
@@ -271,10 +264,13 @@ def compose(args: list[str]) -> DictConfig:
     layers = [{group: load_yaml(group, preset)} for group, preset in chosen.items()]
     layers.append(body)
     try:
-        layers.append(OmegaConf.to_container(OmegaConf.from_dotlist(overrides)))
+        method = METHODS.get(model_choice(layers, overrides))
+        layers.append(OmegaConf.to_container(typed_dotlist(overrides, RunConfig, method.config if method else None)))
         merged = OmegaConf.to_container(OmegaConf.merge(*[OmegaConf.create(x) for x in layers]))
     except OmegaConfBaseException as err:
         raise ConfigError(str(err).splitlines()[0]) from None
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     merged["experiment"] = name
 
     model = merged.pop("model", None) or {}

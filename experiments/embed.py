@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from datamodules.sources.base import DataError
 from experiments.config import ConfigError, check_keys, describe, missing_keys
+from experiments.overrides import typed_dotlist
 from experiments.finished_run import CHUNK_USERS, EmbeddingRun, RunError, load_run
 
 __all__ = ["EmbedConfig", "EmbeddingRun", "RunError", "load_run", "main"]
@@ -61,9 +62,9 @@ def parse(words: list[str]) -> EmbedConfig:
         if "=" not in word:
             raise ConfigError(f"{word!r}: expected key=value (see --help)")
     try:
-        values = OmegaConf.to_container(OmegaConf.from_dotlist(words))
-    except OmegaConfBaseException as err:
-        raise ConfigError(str(err).splitlines()[0]) from None
+        values = OmegaConf.to_container(typed_dotlist(words, EmbedConfig))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     check_keys(values, EmbedConfig, "")
     merged = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(EmbedConfig), values))
     missing = missing_keys(merged)

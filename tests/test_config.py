@@ -76,3 +76,37 @@ def test_config_error_exit_code_and_message():
     result = subprocess.run([sys.executable, "-m", "experiments.run", "model.hiden=3"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2
     assert "config error: unknown config key 'model.hiden'; did you mean 'model.hidden'?" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("word", "key", "expected"),
+    [
+        ("run_name=off", "run_name", "off"),  # YAML would read a boolean
+        ("run_name=yes", "run_name", "yes"),
+        ("data.schema.time_format=%Y%m%d", "data.schema.time_format", "%Y%m%d"),  # YAML would fail on the %
+        ("data.schema.time_format=null", "data.schema.time_format", None),  # an optional string can still be unset
+        ("data.cutoff=1998-03-01", "data.cutoff", "1998-03-01"),  # not a YAML date
+        ("data.max_len=64", "data.max_len", 64),
+        ("data.event_types=[page_visit]", "data.event_types", ["page_visit"]),
+        ("data.field_top_k.url=300", "data.field_top_k.url", 300),
+        ("model.decoder_input=concat", "model.decoder_input", "concat"),  # a method key, typed by the method config
+    ],
+)
+def test_command_line_values_follow_the_declared_type(word, key, expected):
+    from omegaconf import OmegaConf
+
+    cfg = compose(["experiment=gru_ae_ml100k", word])
+    value = OmegaConf.select(cfg, key)
+    assert (OmegaConf.to_container(value) if OmegaConf.is_config(value) else value) == expected
+
+
+def test_a_value_that_is_not_yaml_says_how_to_quote_it():
+    with pytest.raises(ConfigError, match=r"""data.max_len=%5: not a valid YAML value .*quote it inside the word, e.g. 'data.max_len="%5"'"""):
+        compose(["data.max_len=%5"])
+
+
+def test_embed_command_keeps_string_values():
+    from experiments.embed import parse
+
+    cfg = parse(["run=outputs/x/off", "out=yes", "until=2022-06-01"])
+    assert (cfg.run, cfg.out, cfg.until) == ("outputs/x/off", "yes", "2022-06-01")
