@@ -148,15 +148,15 @@ def level(h: History, idx: np.ndarray) -> str | None:
     values, counts = np.unique(vals, return_counts=True)
     word = lv.words[int(np.searchsorted(lv.bounds, mean, side="right"))]
     head = f"{word}: " if word else ""
-    mode = lv.unit.format(v=_num(values[np.argmax(counts)]))
-    return f"{head}{lv.unit.format(v=_num(mean))} on average over {vals.size} {h.roles.category_events_noun}, most often {mode}."
+    mode = f", most often {lv.unit.format(v=_num(values[np.argmax(counts)]))}" if counts.max() > 1 else ""
+    return f"{head}{lv.unit.format(v=_num(mean))} on average over {vals.size} {h.roles.category_events_noun}{mode}."
 
 
 def activity(h: History, idx: np.ndarray) -> str | None:
     rh = rhythm(h.store.times[idx])
     day, part = WEEKDAYS[int(np.argmax(rh.weekdays))], DAY_PARTS[int(np.argmax(rh.parts))]
-    per_day = _num(idx.size / rh.active_days)
-    return f"Mostly on {day}s, in the {part}; active on {rh.active_days} of {rh.span_days} days, about {per_day} {h.roles.events_noun} per active day."
+    per_day = f"about {_num(idx.size / rh.active_days)} {h.roles.events_noun} per active day"
+    return f"Mostly on {day}s, in the {part}; active on {rh.active_days} of {rh.span_days} days, {per_day}."
 
 
 def loyalty(h: History, idx: np.ndarray) -> str | None:
@@ -256,7 +256,7 @@ def user_triples(h: History, row: int, cfg: UserQAConfig, kinds: list[str]) -> l
     rng = np.random.default_rng([cfg.seed, zlib.crc32(user.encode())])
     n = h.length(row)
     idx, end = h.events(row), n - future_size(n, cfg)
-    words = {"cats": h.roles.category_noun, "events": h.roles.events_noun, "level": LEVEL_NOUNS.get(h.roles.level or "", "level")}
+    words = {"cats": h.roles.category_noun, "events": h.roles.events_noun, "level": LEVEL_NOUNS.get(h.roles.level or "", str(h.roles.level).replace("_", " "))}
     answers: dict[str, tuple[str, int]] = {}
     for kind in (kinds[i] for i in rng.permutation(len(kinds))):
         axis, _, answer, _ = QUESTIONS[kind]
@@ -314,7 +314,8 @@ def synthesize(triples: list[QATriple], model_path: str, max_new_tokens: int = 6
         batch = triples[i : i + batch_size]
         prompts = [SYNTH_PROMPT.format(question=t.instruction or "Describe this user.", answer=t.template_answer) for t in batch]
         if tok.chat_template:
-            prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts]
+            chats = [[{"role": "user", "content": p}] for p in prompts]
+            prompts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
         enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=not tok.chat_template)
         enc = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")}
         with torch.no_grad():

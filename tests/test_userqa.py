@@ -259,3 +259,15 @@ def test_llm_synthesis_is_deterministic_and_keeps_the_template(tiny, tiny_causal
     assert first == again
     assert [t.template_answer for t in first] == [t.answer for t in plain]
     assert any(t.answer != t.template_answer for t in first) and all(t.answer for t in first)
+
+
+def test_any_other_data_gets_one_events_source_and_the_questions_its_fields_answer(csv_data, tmp_path):
+    from tests.conftest import generic_config
+
+    h = History.of(prepare(generic_config(*csv_data, tmp_path / "cache", val_fraction=0.0)))
+    assert (h.roles.category, h.roles.level, h.roles.event_type) == ("merchant", "amount", "event_type")
+    assert "next_items" not in question_kinds(h) and "next_activity" in question_kinds(h)
+    triples = build_userqa(h, UserQAConfig(questions_per_user=7, future_events=1, min_past_events=2))
+    assert {t.kind for t in triples} == {*question_kinds(h), "summary"}
+    u = UserFormatter(h).user_input(0)
+    assert [n for n, _ in u.blocks()] == ["events", "tabular"] and u.sources["events"].count("\n") == h.length(0) - 1
