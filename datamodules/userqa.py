@@ -256,7 +256,8 @@ def user_triples(h: History, row: int, cfg: UserQAConfig, kinds: list[str]) -> l
     rng = np.random.default_rng([cfg.seed, zlib.crc32(user.encode())])
     n = h.length(row)
     idx, end = h.events(row), n - future_size(n, cfg)
-    words = {"cats": h.roles.category_noun, "events": h.roles.events_noun, "level": LEVEL_NOUNS.get(h.roles.level or "", str(h.roles.level).replace("_", " "))}
+    level_noun = LEVEL_NOUNS.get(h.roles.level or "", str(h.roles.level).replace("_", " "))
+    words = {"cats": h.roles.category_noun, "events": h.roles.events_noun, "level": level_noun}
     answers: dict[str, tuple[str, int]] = {}
     for kind in (kinds[i] for i in rng.permutation(len(kinds))):
         axis, _, answer, _ = QUESTIONS[kind]
