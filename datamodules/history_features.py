@@ -19,6 +19,7 @@ Columns (names are the column names):
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 
 import polars as pl
@@ -33,22 +34,30 @@ QUANTILES = (0.1, 0.5, 0.9)
 SECONDS_PER_DAY = 86_400
 
 
-def check_features_config(cfg: FeaturesConfig, schema: EventSchema, types: list[str]) -> None:
-    """data.features must name fields and event types of this data: a typo would otherwise drop features silently."""
+def check_features_config(cfg: FeaturesConfig, schema: EventSchema, types: list[str], kept_types: list[str] | None) -> FeaturesConfig:
+    """data.features must name fields and event types of this data: a typo would otherwise drop features silently.
+
+    Returns the config that applies: when data.event_types (`kept_types`) leaves out the buy
+    or cart type (a block that reads searches only), bought/carted statistics and cart
+    abandonment are dropped, not refused: the preset's data section stays shared.
+    """
     names = {f.name: f.kind for f in schema.fields}
     for name in cfg.amounts:
         if names.get(name) != "categorical":
             raise DataError(f"data.features.amounts: {name!r} is not a categorical field of this data (numeric fields are always included); fields are {sorted(names)}")
     if cfg.item is not None and cfg.item not in names:
         raise DataError(f"data.features.item: {cfg.item!r} is not a field of this data; fields are {sorted(names)}")
-    for key in ("buy", "cart"):
-        value = getattr(cfg, key)
-        if value is not None and value not in types:
-            raise DataError(f"data.features.{key}: {value!r} is not an event type seen in training history; types are {types}")
     if (cfg.cart is None) != (cfg.buy is None) or (cfg.cart is not None and cfg.item is None):
         raise DataError("data.features: cart abandonment needs buy, cart and item together (or none of them)")
     if any(w < 1 for w in cfg.windows_days):
         raise DataError(f"data.features.windows_days: {cfg.windows_days} must be whole days >= 1")
+    if kept_types and any(getattr(cfg, key) not in kept_types for key in ("buy", "cart") if getattr(cfg, key) is not None):
+        return dataclasses.replace(cfg, buy=None, cart=None, item=None)
+    for key in ("buy", "cart"):
+        value = getattr(cfg, key)
+        if value is not None and value not in types:
+            raise DataError(f"data.features.{key}: {value!r} is not an event type seen in training history; types are {types}")
+    return cfg
 
 
 def amounts_of(history: pl.LazyFrame, name: str) -> pl.Expr:
@@ -61,18 +70,21 @@ def amounts_of(history: pl.LazyFrame, name: str) -> pl.Expr:
     return value
 
 
-def history_features(history: pl.LazyFrame, schema: EventSchema, vocabs: dict[str, list], cfg: FeaturesConfig, reference: dt.datetime | None) -> pl.DataFrame:
+def history_features(
+    history: pl.LazyFrame, schema: EventSchema, vocabs: dict[str, list], cfg: FeaturesConfig, reference: dt.datetime | None, kept_types: list[str] | None = None
+) -> pl.DataFrame:
     """[users with history] x (user_id + float features), in `_user` order (the cache's user order).
 
     `history` holds the deduplicated history events with columns `_user`, user_id, time,
     `_file`, `_row` and the schema's fields; `vocabs` is the fitted state (event types and
-    histogram ids come from the training users, like the models'); `reference` is the cutoff.
+    histogram ids come from the training users, like the models'); `reference` is the cutoff;
+    `kept_types` is data.event_types (the history holds only those types).
     """
     if reference is None:
         reference = history.select(pl.col("time").max()).collect().item()
     type_field = schema.event_type
     types = [str(v) for v in vocabs[type_field]] if type_field and len(vocabs[type_field]) <= MAX_EVENT_TYPES else []
-    check_features_config(cfg, schema, types if type_field else [])
+    cfg = check_features_config(cfg, schema, types if type_field else [], kept_types)
     age = (pl.lit(reference) - pl.col("time")).dt.total_microseconds() / (SECONDS_PER_DAY * 1e6)
     kind = pl.col(type_field).cast(pl.String) if type_field else None
     every = pl.col("time").is_not_null()  # a column of true (a literal would count once per user)

@@ -225,7 +225,7 @@ def build(source: SourceData, cfg: DataConfig, seed: int, key: str, path: Path) 
     t0 = tops["t0"]
 
     # Handcrafted features see every history event of a user, so they are computed before the last-max_len cut.
-    features = history_features(history, schema, vocabs, cfg.features, cutoff)
+    features = history_features(history, schema, vocabs, cfg.features, cutoff, cfg.event_types)
 
     keep = last_events(order[in_history[order]], user, cfg.max_len)
     columns = ["user_id", "time", "_user", *(f.name for f in schema.fields)]

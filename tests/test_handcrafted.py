@@ -161,6 +161,12 @@ def test_features_config_and_amounts_are_checked():
         history_features(history_frame(), SCHEMA, VOCABS, FeaturesConfig(buy="purchase", cart="cart", item="sku"), REF)
     with pytest.raises(DataError, match="events.csv: column 'sku', row 0: data.features.amounts needs numbers, got 's1'"):
         history_features(history_frame(), SCHEMA, VOCABS, FeaturesConfig(amounts=["sku"]), REF)
+    # a history of views only (data.event_types) drops the bought/carted statistics instead of refusing the shared preset
+    views = history_frame().filter(pl.col("event_type") == "view")
+    f = history_features(views, SCHEMA, {**VOCABS, "event_type": ["view"]}, PAPER, REF, kept_types=["view"])
+    assert "cart_abandonment" not in f.columns and "mean/price/buy" not in f.columns and "count/view/all" in f.columns
+    with pytest.raises(DataError, match="data.features.buy: 'buy' is not an event type seen in training history; types are \\['view'\\]"):
+        history_features(views, SCHEMA, {**VOCABS, "event_type": ["view"]}, PAPER, REF)
 
 
 def long_history(tmp_path):
