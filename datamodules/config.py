@@ -58,6 +58,22 @@ class TargetConfig:
 
 
 @dataclass
+class FeaturesConfig:
+    """Handcrafted features over each user's whole pre-cutoff history, computed while preprocessing (datamodules/history_features.py)."""
+
+    windows_days: list[int] = field(default_factory=lambda: [7, 30])
+    """Count events per event type in the last N days before the cutoff (or the last event); the whole history is always counted."""
+    amounts: list[str] = field(default_factory=list)
+    """Categorical fields whose raw values are amounts (recsys2025: the price bucket): mean, std and quantiles like a numeric field's."""
+    buy: str | None = None
+    """The event type of a purchase (recsys2025: product_buy): amount statistics of bought items and cart abandonment."""
+    cart: str | None = None
+    """The event type of an add to cart (recsys2025: add_to_cart): amount statistics of carted items and cart abandonment."""
+    item: str | None = None
+    """The field naming the item (recsys2025: sku): a cart is abandoned when no buy of its item follows it."""
+
+
+@dataclass
 class DataConfig:
     """Where events come from and how they become sequences."""
 
@@ -89,6 +105,8 @@ class DataConfig:
     """Per-field vocabulary cap, e.g. {url: 100000, category: null}: replaces top_k and the schema's top_k for that field (null: every value seen in training users)."""
     n_buckets: int = 100
     """Quantile buckets per numeric field."""
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    """Handcrafted features over the whole history (windows, amounts, cart abandonment)."""
     val_fraction: float = 0.1
     """Users held out for val/loss (chosen by a seeded hash of the user id)."""
     batch_size: int = 64

@@ -27,6 +27,7 @@ import polars as pl
 
 from datamodules.config import DataConfig
 from datamodules.encode import check_codes, event_order, last_events, of_event_types, schema_of, sequence_frame, token_exprs
+from datamodules.history_features import history_features
 from datamodules.schema import DAY_FIELD, FIRST_ID, WEEK_FIELD, EventSchema, FieldSpec
 from datamodules.store import SequenceStore
 from datamodules.sources import load_source, source_files
@@ -35,9 +36,9 @@ from datamodules.targets import FUTURE_KINDS, KINDS, MULTILABEL, STATIC_KINDS, T
 
 log = logging.getLogger(__name__)
 
-VERSION = 5  # bump when the cached layout or its meaning changes (3: meta.json holds relevant_users; 4: the state runs save, datamodules/encode.py; 5: event_types)
+VERSION = 6  # bump when the cached layout or its meaning changes (3: meta.json holds relevant_users; 4: the state runs save, datamodules/encode.py; 5: event_types; 6: features.parquet)
 CACHE_IRRELEVANT = ("batch_size", "bucket_by_length", "num_workers", "cache_dir")
-CACHE_FILES = ("users.parquet", "targets.parquet")
+CACHE_FILES = ("users.parquet", "targets.parquet", "features.parquet")
 
 
 @dataclass
@@ -52,6 +53,7 @@ class Prepared:
     meta: dict
     path: Path | None  # the cache folder (None: new data, experiments.embed)
     users: pl.DataFrame  # the cached frame (text fields for renderers live here)
+    features: pl.DataFrame | None = None  # user_id + handcrafted features over the whole history, in store order (None: new data)
 
 
 def cache_key(cfg: DataConfig, seed: int, files: list[Path]) -> str:
@@ -222,6 +224,9 @@ def build(source: SourceData, cfg: DataConfig, seed: int, key: str, path: Path) 
     vocab_sizes = {f.name: FIRST_ID + len(vocabs[f.name]) for f in schema.of_kind("categorical", "numeric", "codes")}
     t0 = tops["t0"]
 
+    # Handcrafted features see every history event of a user, so they are computed before the last-max_len cut.
+    features = history_features(history, schema, vocabs, cfg.features, cutoff, cfg.event_types)
+
     keep = last_events(order[in_history[order]], user, cfg.max_len)
     columns = ["user_id", "time", "_user", *(f.name for f in schema.fields)]
     exprs = token_exprs(schema, vocabs, edges, vocab_sizes, t0)
@@ -269,7 +274,7 @@ def build(source: SourceData, cfg: DataConfig, seed: int, key: str, path: Path) 
     for reason, n in counts.items():
         if n and reason not in ("raw_events", "history_events"):
             log.info("%s: %d %s", source.name, n, reason.replace("_", " "))
-    write_atomic_dir(path, {"users.parquet": frame, "targets.parquet": targets.with_columns(is_val=pl.Series(val))}, meta)
+    write_atomic_dir(path, {"users.parquet": frame, "targets.parquet": targets.with_columns(is_val=pl.Series(val)), "features.parquet": features}, meta)
 
 
 def write_atomic_dir(path: Path, frames: dict[str, pl.DataFrame], meta: dict) -> None:
@@ -314,7 +319,11 @@ def load(path: Path) -> Prepared:
         else:
             labels = table[name].fill_null(-1).to_numpy().astype(np.int64)
         targets.append(Target(name, kind, labels, info["classes"]))
-    return prepared_of(users, meta, targets, table["is_val"].to_numpy(), path)
+    prepared = prepared_of(users, meta, targets, table["is_val"].to_numpy(), path)
+    prepared.features = pl.read_parquet(path / "features.parquet")
+    if not prepared.features["user_id"].equals(users["user_id"]):
+        raise DataError(f"{path / 'features.parquet'}: column 'user_id' is not the users of users.parquet in their order; delete the cache folder to rebuild it")
+    return prepared
 
 
 def prepared_of(users: pl.DataFrame, meta: dict, targets: list[Target] | None = None, is_val: np.ndarray | None = None, path: Path | None = None) -> Prepared:

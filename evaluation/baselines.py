@@ -26,7 +26,7 @@ def baseline_embeddings(names: Sequence[str], prepared: Prepared, dim: int, seed
     out = {}
     for name in names:
         if name == "handcrafted":
-            out[name] = handcrafted_features(prepared.store, reference_time=cutoff_epoch(prepared))[0]
+            out[name] = handcrafted_features(prepared, reference_time=cutoff_epoch(prepared))[0]
         elif name == "random":
             out[name] = random_embeddings(len(prepared.store), dim, seed)
         else:

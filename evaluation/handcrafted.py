@@ -1,15 +1,24 @@
 """The handcrafted baseline: per-user aggregates an analyst would write in an afternoon.
 
 A learned embedding is only interesting if its probe beats these (counts, recency, category mix).
-Everything is computed on the store's flat arrays, so it scales like the data, not the users.
+A prepared cache holds them computed over each user's whole history at preprocessing
+(datamodules/history_features.py: windows, week-over-week change, amounts, cart abandonment);
+a bare store (or new data without them) falls back to aggregates of its own events, computed
+on the flat arrays, so it scales like the data, not the users: they see at most max_len events.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import polars as pl
+
+from typing import TYPE_CHECKING
 
 from datamodules.schema import PAD
 from datamodules.store import SequenceStore
+
+if TYPE_CHECKING:
+    from datamodules.preprocess import Prepared
 
 SECONDS_PER_DAY = 86_400
 
@@ -22,13 +31,15 @@ def _distinct_per_user(user: np.ndarray, ids: np.ndarray, n_users: int) -> np.nd
 
 
 def handcrafted_features(
-    store: SequenceStore,
+    data: Prepared | SequenceStore,
     reference_time: int | None = None,
     max_hist_vocab: int = 64,
 ) -> tuple[np.ndarray, list[str]]:
-    """Per-user aggregate features, float32 [U, F], and their names.
+    """Per-user aggregate features, float32 [U, F] in store order, and their names.
 
-    Columns, in order:
+    A Prepared with `features` (a cache built by datamodules/preprocess.py): those columns,
+    whose reference time is the cache's cutoff (the arguments do not apply). Otherwise the
+    store's own events, columns in order:
       log_count, recency_days (reference_time - last event), span_days (last - first event),
       log_distinct_days (UTC calendar days with an event);
       per token field (store order): vocab <= max_hist_vocab -> hist/<field>/<id> for ids 1..V-1
@@ -36,6 +47,13 @@ def handcrafted_features(
       per value field: mean/<field> and std/<field> (population) over finite values, 0 when none.
     reference_time defaults to the latest event time in the store.
     """
+    store = data if isinstance(data, SequenceStore) else data.store
+    features = None if isinstance(data, SequenceStore) else data.features
+    if features is not None:
+        if not np.array_equal(features["user_id"].cast(pl.String).to_numpy(), np.asarray(store.user_ids).astype(str)):
+            raise ValueError("handcrafted_features: prepared.features is not in the store's user order")
+        values = features.drop("user_id")
+        return values.to_numpy().astype(np.float32), values.columns
     n_users = len(store)
     lengths = store.lengths
     if n_users == 0 or lengths.min() < 1:

@@ -4,10 +4,15 @@ Per block: align to this data's users, PCA to k components (fitted on the users 
 has), L2-normalise each user, then fill users the block lacks with the block's mean row
 (the paper found mean imputation better than zeros). Handcrafted features go through a
 quantile transform to uniform. Blocks are concatenated in config order.
+
+Blocks must come from the ensemble's own data: a block run whose data source, path or
+history cutoff differs is refused (`check_same_data`), since its users' vectors would
+describe other events than the ones the ensemble is evaluated on.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -16,6 +21,8 @@ import numpy as np
 import polars as pl
 
 from experiments.rundirs import latest_run
+
+SAME_DATA_KEYS = ("source", "path")  # data keys every block shares with the ensemble (and the resolved cutoff)
 
 
 @dataclass
@@ -94,8 +101,37 @@ def reduce_block(x: np.ndarray, present: np.ndarray, pca: int | None, normalize:
     return out
 
 
-def ensemble_embeddings(cfg: dict, prepared, reference_time: int | None, seed: int = 0) -> np.ndarray:
-    """[U, D] ensemble vectors for the users of `prepared`, in store order."""
+def same_path(path: str | None) -> str | None:
+    """A data path as compared between runs: absolute, so `data/x` and `./data/x` are the same data."""
+    return None if path is None else str(Path(path).expanduser().resolve())
+
+
+def check_same_data(run: Path, data: dict, cutoff: str | None, ensemble: str) -> None:
+    """Refuse a block run made on other data than the ensemble's: source, path (config.yaml) or cutoff (preprocess.json)."""
+    import yaml
+
+    config, state = run / "config.yaml", run / "preprocess.json"
+    for file in (config, state):
+        if not file.is_file():
+            raise ValueError(f"model.blocks: {run} has no {file.name}; cannot check it was made on the data of {ensemble}")
+    block = (yaml.safe_load(config.read_text()) or {}).get("data") or {}
+    for key in SAME_DATA_KEYS:
+        theirs, ours = block.get(key), data.get(key)
+        if key == "path":
+            theirs, ours = same_path(theirs), same_path(ours)
+        if theirs != ours:
+            raise ValueError(f"model.blocks: {run} was made on data.{key}={theirs!r} but {ensemble} uses data.{key}={ours!r}; rerun the block on this data")
+    theirs = json.loads(state.read_text()).get("cutoff")
+    if theirs != cutoff:
+        raise ValueError(f"model.blocks: {run} has history cutoff {theirs!r} ({state}) but {ensemble} has cutoff {cutoff!r}; rerun the block with the same data.cutoff settings")
+
+
+def ensemble_embeddings(cfg: dict, prepared, reference_time: int | None, seed: int = 0, *, data: dict, name: str = "this ensemble") -> np.ndarray:
+    """[U, D] ensemble vectors for the users of `prepared`, in store order.
+
+    `data` is the ensemble's resolved data config and `name` what errors call it (its
+    experiment and cache folder): every block run must have been made on the same data.
+    """
     from sklearn.preprocessing import QuantileTransformer
 
     from evaluation.handcrafted import handcrafted_features
@@ -103,11 +139,14 @@ def ensemble_embeddings(cfg: dict, prepared, reference_time: int | None, seed: i
     if not cfg["blocks"] and not cfg["handcrafted"]:
         raise ValueError("model.blocks: an ensemble needs at least one block or handcrafted=true")
     parts = []
+    ensemble = f"{name} (cache {prepared.path})"
     for block in cfg["blocks"]:
-        x, present = aligned(resolve_run(block, cfg["output_dir"]), prepared.store.user_ids)
+        run = resolve_run(block, cfg["output_dir"])
+        check_same_data(run, data, prepared.meta["cutoff"], ensemble)
+        x, present = aligned(run, prepared.store.user_ids)
         parts.append(reduce_block(x, present, block.get("pca"), block.get("normalize", True), seed))
     if cfg["handcrafted"]:
-        features, _ = handcrafted_features(prepared.store, reference_time=reference_time)
+        features, _ = handcrafted_features(prepared, reference_time=reference_time)
         quantiles = QuantileTransformer(n_quantiles=min(1000, len(features)), output_distribution="uniform", random_state=seed)
         parts.append(quantiles.fit_transform(features).astype(np.float32))
     return np.concatenate(parts, axis=1)

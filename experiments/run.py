@@ -172,7 +172,8 @@ def run(cfg: DictConfig, command: str | None = None, extra_callbacks: list | Non
             from evaluation.evaluate import cutoff_epoch
             from experiments.ensemble import ensemble_embeddings
 
-            embeddings = ensemble_embeddings(OmegaConf.to_container(cfg.model), prepared, cutoff_epoch(prepared), cfg.seed)
+            data = OmegaConf.to_container(cfg.data, resolve=True)
+            embeddings = ensemble_embeddings(OmegaConf.to_container(cfg.model), prepared, cutoff_epoch(prepared), cfg.seed, data=data, name=f"experiment {cfg.experiment!r}")
         else:
             module = build_module(method, prepared)
             datamodule = build_datamodule(method, datamodule)

@@ -22,7 +22,7 @@ import polars as pl
 import pytest
 import torch
 
-from datamodules.preprocess import VERSION, stale_reason
+from datamodules.preprocess import CACHE_FILES, VERSION, stale_reason
 
 REPO = Path(__file__).resolve().parents[1]
 N = 2_000_000  # large enough that a write takes tens of milliseconds
@@ -32,7 +32,7 @@ WRITERS = {  # statement writing iteration i to target[kind]
     "metrics": "atomic_write(target['metrics'], lambda p: p.write_text(json.dumps({'i': i, 'pad': 'x' * N})))",
     "embeddings": "write_embeddings(target['embeddings'], np.arange(N // 16), np.full((N // 16, 16), i, dtype=np.float32))",
     "checkpoint": "AtomicCheckpointIO().save_checkpoint({'i': i, 'w': torch.full((N // 2,), float(i))}, target['checkpoint'])",
-    "cache": "write_atomic_dir(target['cache'], {f: pl.DataFrame({'v': np.full(N // 8, i)}) for f in ('users.parquet', 'targets.parquet')}, {'key': 'k', 'version': VERSION})",
+    "cache": "write_atomic_dir(target['cache'], {f: pl.DataFrame({'v': np.full(N // 8, i)}) for f in CACHE_FILES}, {'key': 'k', 'version': VERSION})",
 }
 ATOMIC = [k for k in WRITERS if k != "plain"]
 
@@ -64,7 +64,7 @@ import json
 from pathlib import Path
 import numpy as np, polars as pl, torch
 from callbacks.resume import AtomicCheckpointIO
-from datamodules.preprocess import VERSION, write_atomic_dir
+from datamodules.preprocess import CACHE_FILES, VERSION, write_atomic_dir
 from datamodules.atomic import atomic_write
 from experiments.run import write_embeddings
 N, i = {N}, 0
@@ -124,7 +124,7 @@ def test_second_builder_of_a_cache_uses_the_first_ones(tmp_path, caplog):
     from datamodules.preprocess import write_atomic_dir
 
     target = tmp_path / "cache"
-    frames = {f: pl.DataFrame({"v": [1, 2]}) for f in ("users.parquet", "targets.parquet")}
+    frames = {f: pl.DataFrame({"v": [1, 2]}) for f in CACHE_FILES}
     write_atomic_dir(target, frames, {"key": "k", "version": VERSION, "by": "first"})
     with caplog.at_level("INFO", logger="datamodules.preprocess"):
         write_atomic_dir(target, frames, {"key": "k", "version": VERSION, "by": "second"})

@@ -1,12 +1,22 @@
-"""Ensemble assembly: alignment by user id, PCA, L2 normalisation, mean imputation, quantile-mapped features."""
+"""Ensemble assembly: alignment by user id, PCA, L2 normalisation, mean imputation, quantile-mapped features;
+the paper's presets; blocks made on other data refused."""
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import polars as pl
 import pytest
+from omegaconf import OmegaConf
 
-from experiments.ensemble import aligned, reduce_block, resolve_run
+from datamodules.config import DataConfig
+from datamodules.preprocess import prepare
+from evaluation.evaluate import cutoff_epoch
+from experiments.config import ConfigError, compose, presets, to_dataclass
+from experiments.ensemble import aligned, ensemble_embeddings, reduce_block, resolve_run
+from experiments.run import run
+from tests.helpers import data_args_for, experiment_section
 
 
 def write_run(path, users, emb):
@@ -55,3 +65,65 @@ def test_block_from_other_dataset_is_refused(tmp_path):
     run = write_run(tmp_path / "r", ["x", "y"], np.ones((2, 2)))
     with pytest.raises(ValueError, match="shares no users"):
         aligned(run, np.array(["a", "b"]))
+
+
+def test_presets_follow_the_paper_and_name_existing_experiments_on_the_same_data():
+    """PCA 64 for the GRU-AE variants but day_event_type; none for next-event, iALS and LightFM blocks (already 64-d)."""
+    for name in ("ensemble_recsys2025", "ensemble_ml100k"):
+        data = experiment_section(name, "data")
+        blocks = experiment_section(name, "model")["blocks"]
+        assert len(blocks) == {"ensemble_recsys2025": 9, "ensemble_ml100k": 7}[name]
+        for block in blocks:
+            exp = block["experiment"]
+            assert exp in presets("experiment"), exp
+            assert experiment_section(exp, "data")["source"] == data["source"], exp
+            model = experiment_section(exp, "model")["name"]
+            paper_pca = 64 if model == "gru_autoencoder" and "day_event_type" not in exp else None
+            assert block.get("pca") == paper_pca, exp
+
+
+def generic_data(tmp_path, events, labels) -> list[str]:
+    """The CSV fixture with its static label as the one target (the churn window of so few users can hold one class)."""
+    return [*data_args_for("generic", (events, labels), None, None, tmp_path), "data.targets=[{name: segment, kind: binary, positive: traveller}]"]
+
+
+def handcrafted_run(tmp_path, events, labels, name: str, *extra: str):
+    """A real finished run, the cheapest kind: an ensemble of handcrafted features only (no training)."""
+    data = generic_data(tmp_path, events, labels)
+    args = ["experiment=gru_ae_generic_csv", "model=ensemble", f"output_dir={tmp_path / 'out'}", f"run_name={name}",
+            "logger.wandb=false", "probe.baselines=[]", *data, *extra]
+    return run(compose(args)).run_dir
+
+
+def test_blocks_made_on_other_data_are_refused_naming_both(tmp_path, csv_data):
+    events, labels = csv_data
+    moved = tmp_path / "elsewhere.csv"
+    moved.write_bytes(events.read_bytes())
+    a = handcrafted_run(tmp_path, events, labels, "a")
+    b = handcrafted_run(tmp_path, moved, labels, "b")
+    c = handcrafted_run(tmp_path, events, labels, "c", "data.cutoff_quantile=0.7")
+
+    cfg = compose(["experiment=gru_ae_generic_csv", "model=ensemble", *generic_data(tmp_path, events, labels)])
+    prepared = prepare(to_dataclass(cfg.data, DataConfig))
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+
+    def assemble(*runs):
+        model = {"blocks": [{"run": str(r), "pca": None} for r in runs], "handcrafted": False, "output_dir": "outputs"}
+        return ensemble_embeddings(model, prepared, cutoff_epoch(prepared), data=data, name="ens")
+
+    assert assemble(a, a).shape == (len(prepared.store), 2 * prepared.features.width - 2)
+    said = f"{re.escape(str(b))} was made on data.path='{re.escape(str(moved))}' but ens .* uses data.path='{re.escape(str(events))}'"
+    with pytest.raises(ValueError, match=said):
+        assemble(a, b)
+    said = f"{re.escape(str(c))} has history cutoff '[^']+' .* but ens .* has cutoff '{re.escape(prepared.meta['cutoff'])}'"
+    with pytest.raises(ValueError, match=said):
+        assemble(a, c)
+    (a / "preprocess.json").unlink()
+    with pytest.raises(ValueError, match="has no preprocess.json; cannot check"):
+        assemble(a)
+    # through the run command the refusal is a config error, before any run directory is made
+    refused = ["experiment=gru_ae_generic_csv", "model=ensemble", f"model.blocks=[{{run: {b}}}]", f"output_dir={tmp_path / 'x'}",
+               "logger.wandb=false", *generic_data(tmp_path, events, labels)]
+    with pytest.raises(ConfigError, match="experiment 'gru_ae_generic_csv'"):
+        run(compose(refused))
+    assert not (tmp_path / "x").exists()

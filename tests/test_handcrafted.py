@@ -1,13 +1,22 @@
-"""Hand-made features on a 3-user store whose every value is worked out by hand."""
+"""Handcrafted features: over the whole pre-cutoff history (cached) and a bare store's events, every value worked out by hand."""
 
 from __future__ import annotations
 
+import datetime as dt
+
 import numpy as np
+import polars as pl
 import pytest
 
+from datamodules.config import FeaturesConfig
+from datamodules.history_features import history_features
+from datamodules.preprocess import prepare
+from datamodules.schema import EventSchema, FieldSpec
 from datamodules.sequences import SequenceStore
+from datamodules.sources.base import DataError
 from evaluation.baselines import random_embeddings
 from evaluation.handcrafted import handcrafted_features
+from tests.conftest import generic_config
 
 D = 86_400
 
@@ -77,3 +86,111 @@ def test_random_embeddings_deterministic_per_seed():
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c)
     assert abs(a.mean()) < 0.3 and 0.7 < a.std() < 1.3
+
+
+# --- whole-history features computed while preprocessing (datamodules/history_features.py) ---
+
+REF = dt.datetime(2024, 3, 1)
+
+
+def history_frame() -> pl.LazyFrame:
+    """3 users, days before REF (the cutoff) worked out by hand; 'price' is an amount, 'sku' the item."""
+    rows = [  # user, days before REF, type, sku, price
+        ("a", 1.0, "buy", "s1", "10"),
+        ("a", 2.0, "cart", "s1", "10"),  # bought later (day 1): not abandoned
+        ("a", 3.0, "cart", "s2", "30"),  # never bought: abandoned
+        ("a", 10.0, "view", None, None),
+        ("a", 40.0, "view", None, None),
+        ("b", 8.0, "view", None, None),
+        ("b", 9.0, "cart", "s3", "20"),  # bought before it was carted (day 12), not after: abandoned
+        ("b", 12.0, "buy", "s3", "20"),
+        ("c", 0.5, "view", None, None),
+    ]
+    users = {"a": 0, "b": 1, "c": 2}
+    return pl.DataFrame(
+        {
+            "_user": [users[r[0]] for r in rows],
+            "user_id": [r[0] for r in rows],
+            "time": [REF - dt.timedelta(days=r[1]) for r in rows],
+            "event_type": [r[2] for r in rows],
+            "sku": [r[3] for r in rows],
+            "price": [r[4] for r in rows],
+            "_file": "events.csv",
+            "_row": list(range(len(rows))),
+        }
+    ).lazy()
+
+
+SCHEMA = EventSchema("user", "time", [FieldSpec("event_type"), FieldSpec("sku"), FieldSpec("price")], event_type="event_type")
+VOCABS = {"event_type": ["view", "cart", "buy"], "sku": ["s1", "s3"], "price": ["10", "20", "30"]}
+PAPER = FeaturesConfig(windows_days=[7, 30], amounts=["price"], buy="buy", cart="cart", item="sku")
+
+
+def test_windows_week_over_week_gaps_amounts_and_abandonment_by_hand():
+    f = history_features(history_frame(), SCHEMA, VOCABS, PAPER, REF)
+    assert f["user_id"].to_list() == ["a", "b", "c"]
+    col = {n: f[n].to_numpy() for n in f.columns[1:]}
+    close(col["count/all/7d"], [3, 0, 1])
+    close(col["count/all/30d"], [4, 3, 1])
+    close(col["count/all/all"], [5, 3, 1])
+    close(col["count/cart/7d"], [2, 0, 0])
+    close(col["count/view/30d"], [1, 1, 1])
+    close(col["count/buy/all"], [1, 1, 0])
+    close(col["wow/all"], np.log1p([3, 0, 1]) - np.log1p([1, 3, 0]))  # last 7 days vs days 7-14 before
+    close(col["recency_days"], [1.0, 8.0, 0.5])
+    close(col["span_days"], [39.0, 4.0, 0.0])
+    close(col["mean_gap_days"], [39.0 / 4, 4.0 / 2, 0.5])  # one event: the time since it
+    close(col["active_days"], [5, 3, 1])
+    close(col["mean/price/all"], [50 / 3, 20.0, 0.0])  # views have no price; c has none at all
+    close(col["mean/price/cart"], [20.0, 20.0, 0.0])
+    close(col["std/price/cart"], [10.0, 0.0, 0.0])
+    close(col["q50/price/buy"], [10.0, 20.0, 0.0])
+    close(col["q90/price/all"], [26.0, 20.0, 0.0])  # linear interpolation of 10, 10, 30
+    close(col["cart_abandoned"], [1, 1, 0])
+    close(col["cart_abandonment"], [0.5, 1.0, 0.0])
+    close(col["hist/event_type/5"], [2 / 5, 1 / 3, 1.0])  # id 5 = view, the vocabulary's first value
+    close(col["hist/sku/2"], [0.2, 0.0, 0.0])  # s2 is not in the vocabulary: rare (id 2)
+    close(col["hist/sku/1"], [0.4, 1 / 3, 1.0])  # events without a sku: missing (id 1)
+    close(col["hist/sku/6"], [0.0, 2 / 3, 0.0])  # s3
+
+
+def test_features_config_and_amounts_are_checked():
+    with pytest.raises(DataError, match="data.features.amounts: 'sku2'"):
+        history_features(history_frame(), SCHEMA, VOCABS, FeaturesConfig(amounts=["sku2"]), REF)
+    with pytest.raises(DataError, match="data.features.buy: 'purchase'"):
+        history_features(history_frame(), SCHEMA, VOCABS, FeaturesConfig(buy="purchase", cart="cart", item="sku"), REF)
+    with pytest.raises(DataError, match="events.csv: column 'sku', row 0: data.features.amounts needs numbers, got 's1'"):
+        history_features(history_frame(), SCHEMA, VOCABS, FeaturesConfig(amounts=["sku"]), REF)
+    # a history of views only (data.event_types) drops the bought/carted statistics instead of refusing the shared preset
+    views = history_frame().filter(pl.col("event_type") == "view")
+    f = history_features(views, SCHEMA, {**VOCABS, "event_type": ["view"]}, PAPER, REF, kept_types=["view"])
+    assert "cart_abandonment" not in f.columns and "mean/price/buy" not in f.columns and "count/view/all" in f.columns
+    with pytest.raises(DataError, match="data.features.buy: 'buy' is not an event type seen in training history; types are \\['view'\\]"):
+        history_features(views, SCHEMA, {**VOCABS, "event_type": ["view"]}, PAPER, REF)
+
+
+def long_history(tmp_path):
+    """u0: 300 buys, one an hour, then 5 refunds after the cutoff; u1..u9: 3 buys and a refund each before it."""
+    start = dt.datetime(2024, 1, 1)
+    rows = [("u0", start + dt.timedelta(hours=i), "buy", "m", 1.0, "x") for i in range(300)]
+    rows += [("u0", dt.datetime(2024, 2, 1) + dt.timedelta(hours=i), "refund", "m", 1.0, "x") for i in range(5)]
+    rows += [(f"u{u}", start + dt.timedelta(days=d), "refund" if d == 3 else "buy", "m", 2.0, "x") for u in range(1, 10) for d in range(4)]
+    frame = pl.DataFrame(rows, schema=["client", "ts", "event_type", "merchant", "amount", "description"], orient="row")
+    frame = frame.with_columns(pl.col("ts").dt.strftime("%Y-%m-%d %H:%M:%S"))
+    frame.write_csv(tmp_path / "events.csv")
+    return generic_config(tmp_path / "events.csv", None, tmp_path / "cache", cutoff="2024-02-01", max_len=128)
+
+
+def test_prepared_features_count_the_whole_history_before_the_cutoff(tmp_path):
+    prepared = prepare(long_history(tmp_path))
+    x, names = handcrafted_features(prepared)
+    assert prepared.store.lengths[0] == 128  # the sequence is cut, the features are not
+    col = {n: x[:, i] for i, n in enumerate(names)}
+    assert col["count/all/all"][0] == 300 and col["count/buy/all"][0] == 300
+    assert col["count/refund/all"][0] == 0  # every refund is at or after the cutoff
+    assert col["count/all/7d"][0] == 0  # the last history event is 2024-01-13 11:00, 18 days 13 hours before the cutoff
+    assert col["count/all/30d"][0] == 275  # after 2024-01-02 00:00: hours 25..299 (hour 24 is exactly 30 days before)
+    np.testing.assert_allclose(col["recency_days"][0], 18.5 + 1 / 24, rtol=1e-6)
+    assert col["count/all/all"][1:].tolist() == [4.0] * 9 and col["count/refund/all"][1:].tolist() == [1.0] * 9
+    # a bare store (no cache) falls back to its own events: the truncated tail
+    assert handcrafted_features(prepared.store)[0][0, 0] == np.float32(np.log1p(128))

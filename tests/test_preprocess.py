@@ -209,3 +209,19 @@ def test_event_type_filtered_churn_and_multilabel_propensity(tmp_path, csv_data)
         bought = set(window.filter(pl.col("client") == u)["merchant"])
         assert churn.labels[i] == (0 if bought else 1)
         assert multi.labels[i].tolist() == [int(m in bought) for m in multi.classes]
+
+
+def test_features_cached_beside_the_sequences_in_store_order(tmp_path, csv_data, caplog):
+    """The whole-history features are part of the cache: hashed, loaded into Prepared.features, rebuilt when missing."""
+    events, labels = csv_data
+    cfg = generic_config(events, labels, tmp_path / "cache", max_len=3)
+    p = prepare(cfg)
+    assert "features.parquet" in p.meta["files"]
+    assert p.features["user_id"].to_list() == p.store.user_ids.tolist()
+    counts = p.features["count/all/all"].to_numpy()
+    assert (counts >= p.store.lengths).all() and counts.max() > 3  # the features are not cut to max_len
+    (p.path / "features.parquet").unlink()
+    with caplog.at_level("INFO", logger="datamodules.preprocess"):
+        again = prepare(cfg)
+    assert "missing ['features.parquet']" in caplog.text
+    assert again.features.equals(p.features)
