@@ -34,23 +34,25 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     loggers = []
     if cfg.logger.wandb:
         os.environ.setdefault("WANDB_MODE", "offline")
-        loggers.append(
-            WandbLogger(
-                project=cfg.logger.project,
-                entity=cfg.logger.entity,
-                group=cfg.logger.group,
-                tags=list(cfg.logger.tags) or None,
-                name=run_dir.name,
-                save_dir=str(run_dir),
-                offline=os.environ["WANDB_MODE"] == "offline",
-                config={
-                    "method": cfg.model.name,
-                    "dataset": cfg.data.source,
-                    "experiment": cfg.experiment,
-                    **OmegaConf.to_container(cfg),
-                },
-            )
+        wandb_logger = WandbLogger(
+            project=cfg.logger.project,
+            entity=cfg.logger.entity,
+            group=cfg.logger.group,
+            tags=list(cfg.logger.tags) or None,
+            name=run_dir.name,
+            save_dir=str(run_dir),
+            offline=os.environ["WANDB_MODE"] == "offline",
+            config={
+                "method": cfg.model.name,
+                "dataset": cfg.data.source,
+                "experiment": cfg.experiment,
+                **OmegaConf.to_container(cfg),
+            },
         )
+        # Lightning always passes wandb.init(anonymous=None), which wandb 0.31 warns about on every
+        # run although the setting does nothing; not passing it is what wandb asks for.
+        wandb_logger._wandb_init.pop("anonymous", None)
+        loggers.append(wandb_logger)
     if cfg.logger.csv:
         loggers.append(CSVLogger(save_dir=str(run_dir), name="", version="csv"))
     return loggers

@@ -128,7 +128,8 @@ def fit_and_embed(
     )
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
-    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")  # the state after fit, whatever N was (rank 0 writes)
+    # the state after fit, whatever N was (rank 0 writes); the full state (loops, callbacks) that resume=true needs
+    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     metrics = {"time/fit_seconds": time.perf_counter() - started, "epochs": trainer.current_epoch, "train/nonfinite_skipped": guard.skipped}
     if checkpoint.best_model_path:  # embed with the weights of the best val/loss epoch, as early stopping intends
         # rank 0 wrote the file (other ranks may be on other machines) and broadcasts its weights
@@ -175,6 +176,7 @@ def run(cfg: DictConfig, command: str | None = None, extra_callbacks: list | Non
             data = OmegaConf.to_container(cfg.data, resolve=True)
             embeddings = ensemble_embeddings(OmegaConf.to_container(cfg.model), prepared, cutoff_epoch(prepared), cfg.seed, data=data, name=f"experiment {cfg.experiment!r}")
         else:
+            check_accelerator(cfg.trainer.accelerator)  # before a run directory exists
             module = build_module(method, prepared)
             datamodule = build_datamodule(method, datamodule)
     except (ValueError, FileNotFoundError) as err:
@@ -264,6 +266,14 @@ def print_table(result: RunResult) -> None:
     Console(width=max(100, 24 * (len(result.rows) + 1))).print(table)
 
 
+def check_accelerator(accelerator: str | None) -> None:
+    """A GPU trainer on a machine without one is a config error, not Lightning's MisconfigurationException traceback."""
+    import torch
+
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available() and not (accelerator == "gpu" and torch.backends.mps.is_available()):
+        raise ConfigError(f"trainer.accelerator={accelerator}: this machine has no GPU that torch can use (torch.cuda.is_available() is False); run with trainer=cpu")
+
+
 def quiet_libraries() -> None:
     """Our own INFO lines (dropped rows, cache builds) on stderr; library chatter and known deprecations off."""
     import warnings
@@ -275,7 +285,6 @@ def quiet_libraries() -> None:
         logging.getLogger(name).addHandler(handler)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-    warnings.filterwarnings("ignore", message=".*anonymous setting.*")
 
 
 def main(argv: list[str] | None = None) -> int:

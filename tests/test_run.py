@@ -87,7 +87,7 @@ def assert_embeds_its_own_users_again(run_dir: Path, cfg) -> None:
     np.testing.assert_allclose(again["embedding"].to_numpy(), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_full_run_outputs_and_wandb_summary(csv_data, tmp_path):
+def test_full_run_outputs_and_wandb_summary(csv_data, tmp_path, capfd, caplog):
     events, labels = csv_data
     args = ["experiment=gru_ae_generic_csv", f"output_dir={tmp_path / 'out'}", "run_name=r1", "trainer.max_epochs=2",
             "model.hidden=16", "model.emb_dim=8"] + data_args("generic", csv_data, None, tmp_path)
@@ -113,6 +113,8 @@ def test_full_run_outputs_and_wandb_summary(csv_data, tmp_path):
     assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "model.safetensors").is_file()
     csv_metrics = pl.read_csv(run_dir / "csv" / "metrics.csv")
     assert "probe_test/segment/auc" in csv_metrics.columns and "val/loss" in csv_metrics.columns
+    printed = caplog.text + "".join(capfd.readouterr())
+    assert "anonymous setting" not in printed and "`weights_only` was not set" not in printed  # noise silenced at its source
 
 
 def test_same_seed_same_metrics(csv_data, tmp_path):
@@ -133,6 +135,16 @@ def test_bad_data_leaves_no_run_directory(tmp_path, capsys):
     assert "data error:" in capsys.readouterr().err
     assert not out.exists()
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
+def test_gpu_trainer_without_gpu_is_one_line_and_leaves_nothing(tmp_path, capsys, ml100k_cache):
+    out = tmp_path / "out"
+    code = main(["experiment=gru_ae_ml100k", "trainer=gpu", f"output_dir={out}", f"data.cache_dir={ml100k_cache}"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("INFO ")]  # INFO: preprocessing log
+    assert code == 2 and len(errors) == 1
+    assert errors[0].startswith("config error: trainer.accelerator=gpu: this machine has no GPU") and "trainer=cpu" in errors[0]
+    assert not out.exists()
 
 
 def test_challenge_submission_export(recsys_dir, tmp_path):
