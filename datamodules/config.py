@@ -55,6 +55,8 @@ class TargetConfig:
     """propensity: positive when a window event has field == value (among users active in the window)."""
     event_type: str | None = None
     """Future targets: only window events of this event type count (e.g. product_buy)."""
+    active_only: bool = False
+    """churn: label only users with >= 1 history event of event_type (the challenge's active clients; target/active_clients.npy replaces that set when present); the others are unlabelled, neither churners nor not."""
 
 
 @dataclass

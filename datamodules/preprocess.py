@@ -31,11 +31,15 @@ from datamodules.schema import DAY_FIELD, FIRST_ID, WEEK_FIELD, EventSchema, Fie
 from datamodules.store import SequenceStore
 from datamodules.sources import load_source, source_files
 from datamodules.sources.base import DataError, SourceData
-from datamodules.targets import FUTURE_KINDS, KINDS, MULTILABEL, STATIC_KINDS, Target, evaluation_kind, future_labels, static_labels
+from datamodules.sources.recsys2025 import TargetFiles, read_target_files
+from datamodules.targets import (
+    FUTURE_KINDS, KINDS, MULTILABEL, STATIC_KINDS, VALUES_SUFFIX, Target, active_users, evaluation_kind, future_labels, only_users,
+    static_labels,
+)
 
 log = logging.getLogger(__name__)
 
-VERSION = 5  # bump when the cached layout or its meaning changes (3: meta.json holds relevant_users; 4: the state runs save, datamodules/encode.py; 5: event_types)
+VERSION = 6  # bump when the cached layout or its meaning changes (3: meta.json holds relevant_users; 4: the state runs save, datamodules/encode.py; 5: event_types; 6: churn population, relevant-only labels, propensity_top values and the organisers' target files)
 CACHE_IRRELEVANT = ("batch_size", "bucket_by_length", "num_workers", "cache_dir")
 CACHE_FILES = ("users.parquet", "targets.parquet")
 
@@ -165,6 +169,8 @@ def build(source: SourceData, cfg: DataConfig, seed: int, key: str, path: Path) 
     for t in cfg.targets:
         if t.kind not in KINDS:
             raise DataError(f"data.targets.{t.name}: unknown kind {t.kind!r}; choose from {KINDS}")
+        if t.active_only and t.kind != "churn":
+            raise DataError(f"data.targets.{t.name}.active_only: only a churn target has a population to restrict, not {t.kind!r}")
     if any(t.kind in FUTURE_KINDS for t in cfg.targets) and not (cfg.cutoff or cfg.cutoff_quantile is not None or cfg.cutoff_days_before_end):
         raise DataError("data.cutoff: future-window targets need data.cutoff, data.cutoff_quantile or data.cutoff_days_before_end")
 
@@ -180,10 +186,14 @@ def build(source: SourceData, cfg: DataConfig, seed: int, key: str, path: Path) 
     cutoff = resolve_cutoff(events, cfg)
     future = None
     in_history = ~duplicate
+    official = read_target_files(cfg.path) if source.name == "recsys2025" and cfg.path else TargetFiles()
+    active: dict[str, pl.Series] = {}  # churn target -> its population (active_only)
     if cutoff is not None:
         in_history = raw.select(pl.col("_kept") & (pl.col("time") < cutoff)).to_series().to_numpy()
         window_end = cutoff + dt.timedelta(days=cfg.window_days)
         future = events.filter((pl.col("time") >= cutoff) & (pl.col("time") < window_end)).collect()
+        past = events.filter(pl.col("time") < cutoff)
+        active = {t.name: active_users(t, past, schema.event_type, official.active_clients) for t in cfg.targets if t.active_only}
         counts["events_after_cutoff"] = int((~duplicate).sum() - in_history.sum())
     of_types = of_event_types(raw, schema.event_type, cfg.event_types)
     counts["history_events_of_other_types"] = int((in_history & ~of_types).sum())
@@ -234,14 +244,21 @@ def build(source: SourceData, cfg: DataConfig, seed: int, key: str, path: Path) 
     vocab_sizes[DAY_FIELD] = FIRST_ID + max_day + 1
     vocab_sizes[WEEK_FIELD] = FIRST_ID + max_day // 7 + 1
 
-    targets, classes = pl.DataFrame({"user_id": frame["user_id"]}), {}
+    targets, target_meta = pl.DataFrame({"user_id": frame["user_id"]}), {}
     for t in cfg.targets:
+        values, fixed = None, official.classes.get(t.field) if t.kind == "propensity_top" else None
         if t.kind in STATIC_KINDS:
             label, names = static_labels(t, source.labels, frame["user_id"])
         else:
-            label, names = future_labels(t, future, frame["user_id"], schema.event_type)
+            label, names, values = future_labels(t, future, frame["user_id"], schema.event_type, active.get(t.name), fixed)
+        if source.relevant_users is not None:  # only the relevant clients are scored, as the organisers do
+            label = only_users(label, frame["user_id"], source.relevant_users)
+            values = None if values is None else only_users(values, frame["user_id"], source.relevant_users)
         targets = targets.with_columns(label.alias(t.name))
-        classes[t.name] = names
+        if values is not None:
+            targets = targets.with_columns(values.alias(t.name + VALUES_SUFFIX))
+        popularity = official.popularity.get(t.field) if fixed else None
+        target_meta[t.name] = {"kind": t.kind, "classes": names, "top_k": t.top_k, "popularity": None if popularity is None else popularity.tolist()}
     if source.labels is not None:
         counts["labelled_users_without_events"] = int((~source.labels["user_id"].is_in(frame["user_id"].implode())).sum())
 
@@ -255,7 +272,7 @@ def build(source: SourceData, cfg: DataConfig, seed: int, key: str, path: Path) 
         "vocab_sizes": vocab_sizes,
         "value_fields": schema.value_fields,
         "code_fields": [f.name for f in schema.of_kind("codes")],
-        "targets": {t.name: {"kind": t.kind, "classes": classes[t.name]} for t in cfg.targets},
+        "targets": target_meta,
         "cutoff": cutoff.isoformat() if cutoff else None,
         "t0": t0.isoformat(),
         "max_len": cfg.max_len,
@@ -311,9 +328,12 @@ def load(path: Path) -> Prepared:
         kind = evaluation_kind(info["kind"], len(info["classes"]))
         if kind == MULTILABEL:
             labels = table[name].to_numpy().astype(np.int8)
+            values = table[name + VALUES_SUFFIX] if name + VALUES_SUFFIX in table.columns else None
+            popularity = None if info.get("popularity") is None else np.asarray(info["popularity"], dtype=np.float64)
+            targets.append(Target(name, kind, labels, info["classes"], values, info.get("top_k", 0), popularity))
         else:
             labels = table[name].fill_null(-1).to_numpy().astype(np.int64)
-        targets.append(Target(name, kind, labels, info["classes"]))
+            targets.append(Target(name, kind, labels, info["classes"]))
     return prepared_of(users, meta, targets, table["is_val"].to_numpy(), path)
 
 
