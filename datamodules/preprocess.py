@@ -31,10 +31,10 @@ from datamodules.schema import DAY_FIELD, FIRST_ID, WEEK_FIELD, EventSchema, Fie
 from datamodules.store import SequenceStore
 from datamodules.sources import load_source, source_files
 from datamodules.sources.base import DataError, SourceData
-from datamodules.sources.recsys2025 import TargetFiles, read_target_files
+from datamodules.sources.recsys2025 import TargetFiles, read_target_files, split_start
 from datamodules.targets import (
-    FUTURE_KINDS, KINDS, MULTILABEL, STATIC_KINDS, VALUES_SUFFIX, Target, active_users, evaluation_kind, future_labels, only_users,
-    static_labels,
+    FIT_SUFFIX, FUTURE_KINDS, KINDS, MULTILABEL, STATIC_KINDS, VALUES_SUFFIX, Target, active_users, evaluation_kind, future_labels,
+    only_users, static_labels, two_window_labels,
 )
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,19 @@ def is_val_user(user_ids: pl.Series, seed: int, fraction: float) -> np.ndarray:
     return np.array([zlib.crc32(f"{seed}:{u}".encode()) < threshold for u in user_ids.to_list()], dtype=bool)
 
 
+PROTOCOLS = ("user_split", "challenge")
+
+
 def resolve_cutoff(events: pl.LazyFrame, cfg: DataConfig) -> dt.datetime | None:
+    """The end of the history: data.cutoff*, or for the challenge protocol the organisers' start of the first target window."""
+    if cfg.protocol not in PROTOCOLS:
+        raise DataError(f"data.protocol: {cfg.protocol!r} is not one of {PROTOCOLS}")
+    if cfg.protocol == "challenge" and not (cfg.cutoff or cfg.cutoff_quantile is not None or cfg.cutoff_days_before_end):
+        start = split_start(cfg.path) if cfg.source == "recsys2025" and cfg.path else None
+        if start is not None:  # the organisers' split layout: the history is input/'s tables
+            return start
+        last = events.select(pl.col("time").max()).collect().item()  # as data_utils/split_data.py: whole days, ending with the last
+        return (last - dt.timedelta(days=2 * cfg.window_days - 1)).replace(hour=0, minute=0, second=0, microsecond=0)
     if cfg.cutoff:
         try:
             return dt.datetime.fromisoformat(cfg.cutoff)
@@ -171,7 +183,7 @@ def build(source: SourceData, cfg: DataConfig, seed: int, key: str, path: Path) 
             raise DataError(f"data.targets.{t.name}: unknown kind {t.kind!r}; choose from {KINDS}")
         if t.active_only and t.kind != "churn":
             raise DataError(f"data.targets.{t.name}.active_only: only a churn target has a population to restrict, not {t.kind!r}")
-    if any(t.kind in FUTURE_KINDS for t in cfg.targets) and not (cfg.cutoff or cfg.cutoff_quantile is not None or cfg.cutoff_days_before_end):
+    if cfg.protocol != "challenge" and any(t.kind in FUTURE_KINDS for t in cfg.targets) and not (cfg.cutoff or cfg.cutoff_quantile is not None or cfg.cutoff_days_before_end):
         raise DataError("data.cutoff: future-window targets need data.cutoff, data.cutoff_quantile or data.cutoff_days_before_end")
 
     counts = dict(source.counts)
@@ -190,8 +202,10 @@ def build(source: SourceData, cfg: DataConfig, seed: int, key: str, path: Path) 
     active: dict[str, pl.Series] = {}  # churn target -> its population (active_only)
     if cutoff is not None:
         in_history = raw.select(pl.col("_kept") & (pl.col("time") < cutoff)).to_series().to_numpy()
-        window_end = cutoff + dt.timedelta(days=cfg.window_days)
-        future = events.filter((pl.col("time") >= cutoff) & (pl.col("time") < window_end)).collect()
+        window = dt.timedelta(days=cfg.window_days)
+        future = events.filter((pl.col("time") >= cutoff) & (pl.col("time") < cutoff + window)).collect()
+        if cfg.protocol == "challenge":  # the first window fits the heads, the second scores them
+            future = (future, events.filter((pl.col("time") >= cutoff + window) & (pl.col("time") < cutoff + 2 * window)).collect())
         past = events.filter(pl.col("time") < cutoff)
         active = {t.name: active_users(t, past, schema.event_type, official.active_clients) for t in cfg.targets if t.active_only}
         counts["events_after_cutoff"] = int((~duplicate).sum() - in_history.sum())
@@ -249,6 +263,9 @@ def build(source: SourceData, cfg: DataConfig, seed: int, key: str, path: Path) 
         values, fixed = None, official.classes.get(t.field) if t.kind == "propensity_top" else None
         if t.kind in STATIC_KINDS:
             label, names = static_labels(t, source.labels, frame["user_id"])
+        elif cfg.protocol == "challenge":
+            label, fit_label, names = two_window_labels(t, future, frame["user_id"], schema.event_type, active.get(t.name), fixed, source.relevant_users)
+            targets = targets.with_columns(fit_label.alias(t.name + FIT_SUFFIX))
         else:
             label, names, values = future_labels(t, future, frame["user_id"], schema.event_type, active.get(t.name), fixed)
         if source.relevant_users is not None:  # only the relevant clients are scored, as the organisers do
@@ -274,6 +291,7 @@ def build(source: SourceData, cfg: DataConfig, seed: int, key: str, path: Path) 
         "code_fields": [f.name for f in schema.of_kind("codes")],
         "targets": target_meta,
         "cutoff": cutoff.isoformat() if cutoff else None,
+        "protocol": cfg.protocol,
         "t0": t0.isoformat(),
         "max_len": cfg.max_len,
         "event_types": cfg.event_types,
@@ -326,14 +344,17 @@ def load(path: Path) -> Prepared:
     targets = []
     for name, info in meta["targets"].items():
         kind = evaluation_kind(info["kind"], len(info["classes"]))
+        fit = table[name + FIT_SUFFIX] if name + FIT_SUFFIX in table.columns else None
         if kind == MULTILABEL:
             labels = table[name].to_numpy().astype(np.int8)
             values = table[name + VALUES_SUFFIX] if name + VALUES_SUFFIX in table.columns else None
             popularity = None if info.get("popularity") is None else np.asarray(info["popularity"], dtype=np.float64)
-            targets.append(Target(name, kind, labels, info["classes"], values, info.get("top_k", 0), popularity))
+            fit_labels = None if fit is None else fit.to_numpy().astype(np.int8)
+            targets.append(Target(name, kind, labels, info["classes"], values, info.get("top_k", 0), popularity, fit_labels))
         else:
             labels = table[name].fill_null(-1).to_numpy().astype(np.int64)
-            targets.append(Target(name, kind, labels, info["classes"]))
+            fit_labels = None if fit is None else fit.fill_null(-1).to_numpy().astype(np.int64)
+            targets.append(Target(name, kind, labels, info["classes"], fit_labels=fit_labels))
     return prepared_of(users, meta, targets, table["is_val"].to_numpy(), path)
 
 

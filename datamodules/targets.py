@@ -28,6 +28,7 @@ class Target:
     values: pl.Series | None = None  # multilabel without fixed classes: each user's window values (List[String]; null: unlabelled)
     top_k: int = 0  # multilabel: how many classes multilabel_for chooses
     popularity: np.ndarray | None = None  # multilabel: the organisers' popularity of the fixed classes (None: from FIT labels)
+    fit_labels: np.ndarray | None = None  # challenge protocol: the first window's labels, what heads fit on (labels: the second's, scored)
 
 
 # Config kinds (data.targets[].kind): the only list; preprocessing and the config help refer to it.
@@ -39,6 +40,7 @@ MULTILABEL_KINDS = ("propensity_top",)  # config kinds whose labels are [U, K]
 PROBE_KINDS = ("binary", "multiclass")
 MULTILABEL = "multilabel"
 VALUES_SUFFIX = ".values"  # targets.parquet column of a propensity_top target's per-user window values
+FIT_SUFFIX = ".fit"  # targets.parquet column of a future target's first-window labels (challenge protocol)
 
 
 def evaluation_kind(config_kind: str, n_classes: int) -> str:
@@ -183,3 +185,27 @@ def active_users(spec, past: pl.LazyFrame, event_type_field: str | None, listed:
             raise DataError(f"data.targets.{spec.name}: event_type {spec.event_type!r} given, but the schema has no event_type field")
         past = past.filter(pl.col(event_type_field).cast(pl.String) == spec.event_type)
     return past.select(pl.col("user_id").unique()).collect().to_series()
+
+
+def two_window_labels(
+    spec, windows: tuple[pl.DataFrame, pl.DataFrame], user_ids: pl.Series, event_type_field: str | None,
+    active: pl.Series | None, fixed_classes: list[str] | None, relevant: list[str] | None,
+) -> tuple[pl.Series, pl.Series, list[str]]:
+    """The challenge protocol's labels: (second window: scored, first window: fitted on, classes).
+
+    propensity_top classes are the organisers' fixed ones, else the top_k values of the first window
+    among the labelled (relevant) users: the side the heads fit on, never the scored window.
+    """
+    first, second = windows
+    fit_label, names, values = future_labels(spec, first, user_ids, event_type_field, active, fixed_classes)
+    if values is not None:
+        if relevant is not None:
+            values = only_users(values, user_ids, relevant)
+        names = top_values(values, spec.top_k)
+        if not names:
+            raise DataError(f"data.targets.{spec.name}: no {spec.field} values in the first target window")
+        fit_label = pl.Series(spec.name, label_matrix(values, names), dtype=pl.Array(pl.Int8, len(names)))
+    label, _, _ = future_labels(spec, second, user_ids, event_type_field, active, names if spec.kind == "propensity_top" else None)
+    if relevant is not None:
+        fit_label = only_users(fit_label, user_ids, relevant)
+    return label, fit_label, names

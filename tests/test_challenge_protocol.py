@@ -163,3 +163,73 @@ def test_the_organisers_target_files_are_read(recsys_dir, tmp_path):
     np.save(data / "target" / "popularity_propensity_sku.npy", np.ones(3))
     with pytest.raises(DataError, match="popularity_propensity_sku.npy"):
         prepare(data_cfg)
+
+
+def test_two_windows_fit_on_the_first_and_report_the_second(recsys_dir, tmp_path):
+    """data.protocol=challenge: first-window labels train, TEST users' second-window labels only move TEST figures."""
+    import datetime as dt
+
+    from datamodules.preprocess import prepare
+    from datamodules.targets import labelled_rows
+    from evaluation.evaluate import evaluate
+    from evaluation.probe import fit_side
+    from evaluation.splits import TEST
+
+    cfg, data_cfg = recsys_config(recsys_dir, tmp_path / "cache", "probe.downstream.width=16", "probe.C=1.0")
+    assert data_cfg.protocol == "challenge"
+    prepared = prepare(data_cfg)
+    cutoff = dt.datetime.fromisoformat(prepared.meta["cutoff"])
+    times = [pl.read_parquet(recsys_dir / f"{t}.parquet")["timestamp"].max() for t in ("product_buy", "page_visit", "search_query")]
+    last = dt.datetime.fromisoformat(max(times))
+    assert cutoff == (last - dt.timedelta(days=27)).replace(hour=0, minute=0, second=0)
+    buys = pl.read_parquet(recsys_dir / "product_buy.parquet").with_columns(
+        pl.col("client_id").cast(pl.String), pl.col("timestamp").str.to_datetime()
+    )
+    window = dt.timedelta(days=14)
+    first = set(buys.filter(pl.col("timestamp").is_between(cutoff, cutoff + window, closed="left"))["client_id"])
+    second = set(buys.filter(pl.col("timestamp").is_between(cutoff + window, cutoff + 2 * window, closed="left"))["client_id"])
+    targets = by_name(prepared)
+    churn, users = targets["churn"], prepared.store.user_ids
+    rows = np.flatnonzero(churn.labels >= 0)
+    assert len(rows) > 20 and (churn.fit_labels[rows] >= 0).all()
+    assert [churn.fit_labels[i] for i in rows] == [int(users[i] not in first) for i in rows]
+    assert [churn.labels[i] for i in rows] == [int(users[i] not in second) for i in rows]
+    assert (churn.fit_labels[rows] != churn.labels[rows]).any()
+    categories = buys.join(pl.read_parquet(recsys_dir / "product_properties.parquet").select("sku", pl.col("category").cast(pl.String)), on="sku")
+    bought_first = set(categories.filter(pl.col("timestamp").is_between(cutoff, cutoff + window, closed="left"))["category"])
+    category = targets["propensity_category"]
+    assert category.values is None and set(category.classes) <= bought_first  # classes from the window heads fit on
+    assert (category.fit_labels[labelled_rows(category.fit_labels)].sum(axis=0) > 0).all()
+
+    embeddings = np.random.default_rng(0).normal(size=(len(prepared.store), 8))
+    base = evaluate(cfg, prepared, embeddings)
+    for t in prepared.targets:  # flip every TEST user's second-window label; the split is drawn from the first window
+        split, _, _ = fit_side(t, cfg.seed, list(cfg.probe.split))
+        test = (split == TEST) & labelled_rows(t.labels)
+        t.labels[test] = 1 - t.labels[test]
+    moved = evaluate(cfg, prepared, embeddings)
+    assert base.keys() == moved.keys()
+    assert {k: v for k, v in base.items() if "_val/" in k} == {k: v for k, v in moved.items() if "_val/" in k}
+    changed = {k.split("/")[1] for k in base if "_test/" in k and k.endswith(("/auc", "/auroc")) and base[k] != moved[k]}
+    assert changed == {"churn", "propensity_category", "propensity_sku"}
+
+
+def test_the_organisers_split_layout_is_read(recsys_dir, tmp_path):
+    """input/ tables + target/{train,validation}_target.parquet give the history and labels the full tables give at that cutoff."""
+    from datamodules.preprocess import prepare
+    from datamodules.synthetic import write_split_layout
+
+    data = tmp_path / "data"
+    shutil.copytree(recsys_dir, data)
+    write_split_layout(data)
+    _, split_cfg = recsys_config(data, tmp_path / "cache")
+    split = prepare(split_cfg)
+    first = pl.read_parquet(data / "target" / "train_target.parquet")["timestamp"].min()
+    assert split.meta["cutoff"] == f"{first[:10]}T00:00:00"
+    _, full_cfg = recsys_config(recsys_dir, tmp_path / "cache", f"data.cutoff={split.meta['cutoff']}")
+    full = prepare(full_cfg)
+    assert (split.store.user_ids == full.store.user_ids).all()
+    assert split.users.drop("_user", strict=False).equals(full.users.drop("_user", strict=False))
+    for a, b in zip(split.targets, full.targets):
+        assert a.name == b.name and a.classes == b.classes
+        assert np.array_equal(a.labels, b.labels) and np.array_equal(a.fit_labels, b.fit_labels), a.name

@@ -27,6 +27,7 @@ sku listed twice in product_properties; a client id listed twice in relevant_cli
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import os
 from collections.abc import Sequence
@@ -83,10 +84,38 @@ CODES = pl.List(pl.Int16)
 OUTPUT_TYPES = {"sku": pl.String, "url": pl.String, "category": pl.String, "price": pl.String, "name": CODES, "query": CODES}
 
 
+SPLIT_TARGETS = (TARGET_DIR / "train_target.parquet", TARGET_DIR / "validation_target.parquet")
+
+
+def is_split_layout(folder: Path) -> bool:
+    """The organisers' split_data.py output: the input window's tables in input/, the two target windows' purchases in target/."""
+    return all((folder / "input" / f"{name}.parquet").is_file() for name in EVENT_TABLES) and all((folder / f).is_file() for f in SPLIT_TARGETS)
+
+
+def event_files(folder: Path) -> list[tuple[Path, str]]:
+    """(file, table) of every event file: the five tables, or in the split layout input/'s five plus the target windows' purchases."""
+    if is_split_layout(folder):
+        return [(folder / "input" / f"{name}.parquet", name) for name in EVENT_TABLES] + [(folder / f, "product_buy") for f in SPLIT_TARGETS]
+    return [(folder / f"{name}.parquet", name) for name in EVENT_TABLES]
+
+
+def split_start(folder: str | Path) -> dt.datetime | None:
+    """The split layout's history end: the first day of target/train_target.parquet at midnight (None: not that layout)."""
+    folder = Path(folder).expanduser()
+    if not is_split_layout(folder):
+        return None
+    path = folder / SPLIT_TARGETS[0]
+    frame = parse_time(scan_table(path).select("_row", "timestamp"), "timestamp", TIME_FORMAT, path)
+    first = frame.select(pl.col("time").min()).collect().item()
+    if first is None:
+        raise DataError(f"{path}: no rows; the split layout's first target window is empty")
+    return first.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
 def files(path: str | Path) -> list[Path]:
     """Every file the source reads (for the cache key); a missing table is an error. No parsing."""
     folder = Path(path).expanduser()
-    found = [folder / f"{name}.parquet" for name in (*EVENT_TABLES, PROPERTIES)]
+    found = [f for f, _ in event_files(folder)] + [folder / f"{PROPERTIES}.parquet"]
     for f in found:
         if not f.is_file():
             raise DataError(f"{f}: file not found; the recsys2025 source reads the challenge layout ({', '.join(p.name for p in found)})")
@@ -99,7 +128,7 @@ def load(path: str | Path, only: UserRange | None = None) -> SourceData:
     paths = files(path)
     folder = Path(path).expanduser()
     properties = read_properties(folder / f"{PROPERTIES}.parquet")
-    read = [read_events(folder / f"{name}.parquet", name, properties, only) for name in EVENT_TABLES]
+    read = [read_events(path, name, properties, only) for path, name in event_files(folder)]
     relevant = folder / RELEVANT
     users = read_relevant(relevant) if relevant in paths else None  # files() decides whether it is there
     time_kinds = {kind for _, kind in read}
@@ -111,7 +140,7 @@ def client_ids(path: str | Path) -> pl.Series:
     """Distinct client ids (as strings) of the five event tables, each scanned for that column alone."""
     folder = Path(path).expanduser()
     files(folder)
-    return pl.concat([distinct_users(folder / f"{name}.parquet", "client_id") for name in EVENT_TABLES]).unique()
+    return pl.concat([distinct_users(path, "client_id") for path, _ in event_files(folder)]).unique()
 
 
 def folder_of(cfg: DataConfig) -> Path:
@@ -219,6 +248,7 @@ def read_events(path: Path, table: str, properties: pl.LazyFrame, only: UserRang
 
     columns = {name: pl.lit(None, dtype=dtype) for name, dtype in OUTPUT_TYPES.items()}
     if table in PRODUCT_TABLES:
+        frame = frame.drop("category", "price", "name", strict=False)  # the split layout's target files carry them joined
         require_integer(frame, "sku", path)
         require_not_null(frame, ["sku"], path)
         frame = frame.with_columns(pl.col("sku").cast(pl.Int64))
