@@ -205,6 +205,12 @@ def build(source: SourceData, cfg: DataConfig, seed: int, key: str, path: Path) 
         window = dt.timedelta(days=cfg.window_days)
         future = events.filter((pl.col("time") >= cutoff) & (pl.col("time") < cutoff + window)).collect()
         if cfg.protocol == "challenge":  # the first window fits the heads, the second scores them
+            last = events.select(pl.col("time").max()).collect().item()
+            if last < cutoff + window:
+                raise DataError(
+                    f"data.protocol=challenge: the data ends at {last}, before the second target window ({cutoff + window}); "
+                    "move data.cutoff* earlier or use protocol=user_split"
+                )
             future = (future, events.filter((pl.col("time") >= cutoff + window) & (pl.col("time") < cutoff + 2 * window)).collect())
         past = events.filter(pl.col("time") < cutoff)
         active = {t.name: active_users(t, past, schema.event_type, official.active_clients) for t in cfg.targets if t.active_only}

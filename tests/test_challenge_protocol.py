@@ -233,3 +233,12 @@ def test_the_organisers_split_layout_is_read(recsys_dir, tmp_path):
     for a, b in zip(split.targets, full.targets):
         assert a.name == b.name and a.classes == b.classes
         assert np.array_equal(a.labels, b.labels) and np.array_equal(a.fit_labels, b.fit_labels), a.name
+
+
+def test_challenge_protocol_needs_room_for_two_windows(recsys_dir, tmp_path):
+    from datamodules.preprocess import prepare
+    from datamodules.sources.base import DataError
+
+    _, data_cfg = recsys_config(recsys_dir, tmp_path / "cache", "data.cutoff_days_before_end=7")
+    with pytest.raises(DataError, match="data.protocol=challenge: the data ends at .* before the second target window"):
+        prepare(data_cfg)

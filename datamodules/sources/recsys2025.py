@@ -319,7 +319,9 @@ def read_target_files(folder: str | Path) -> TargetFiles:
         if popularity.is_file():
             pop = load_npy(popularity)
             if pop.shape != values.shape or not np.issubdtype(pop.dtype, np.number) or not np.isfinite(pop).all():
-                raise DataError(f"{popularity}: expected {values.size} finite numbers (one per class of {classes.name}), got dtype {pop.dtype} and shape {pop.shape}")
+                raise DataError(
+                    f"{popularity}: expected {values.size} finite numbers (one per class of {classes.name}), got dtype {pop.dtype} and shape {pop.shape}"
+                )
             out.popularity[name] = pop.astype(np.float64)
     return out
 
