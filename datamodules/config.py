@@ -55,6 +55,8 @@ class TargetConfig:
     """propensity: positive when a window event has field == value (among users active in the window)."""
     event_type: str | None = None
     """Future targets: only window events of this event type count (e.g. product_buy)."""
+    active_only: bool = False
+    """churn: label only users with >= 1 history event of event_type (the challenge's active clients; target/active_clients.npy replaces that set when present); the others are unlabelled, neither churners nor not."""
 
 
 @dataclass
@@ -95,6 +97,8 @@ class DataConfig:
     """Alternative to cutoff: history ends this many days before the last event (the challenge: 14)."""
     window_days: int = 30
     """Length of the future target window after the cutoff."""
+    protocol: str = "user_split"
+    """How future targets are scored. user_split: one window after the cutoff; users split FIT/VAL/TEST per target (probe.split). challenge (the organisers'): two windows of window_days after the cutoff (default cutoff: 2 x window_days before the last event, at midnight); heads fit on every labelled user's first-window labels, VAL users' second-window labels select, TEST users' second-window labels are reported."""
     max_len: int = 128
     """Keep each user's last max_len events."""
     event_types: list[str] | None = None

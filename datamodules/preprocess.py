@@ -32,11 +32,15 @@ from datamodules.schema import DAY_FIELD, FIRST_ID, WEEK_FIELD, EventSchema, Fie
 from datamodules.store import SequenceStore
 from datamodules.sources import load_source, source_files
 from datamodules.sources.base import DataError, SourceData
-from datamodules.targets import FUTURE_KINDS, KINDS, MULTILABEL, STATIC_KINDS, Target, evaluation_kind, future_labels, static_labels
+from datamodules.sources.recsys2025 import TargetFiles, read_target_files, split_start
+from datamodules.targets import (
+    FIT_SUFFIX, FUTURE_KINDS, KINDS, MULTILABEL, STATIC_KINDS, VALUES_SUFFIX, Target, active_users, evaluation_kind, future_labels,
+    only_users, static_labels, two_window_labels,
+)
 
 log = logging.getLogger(__name__)
 
-VERSION = 6  # bump when the cached layout or its meaning changes (3: meta.json holds relevant_users; 4: the state runs save, datamodules/encode.py; 5: event_types; 6: features.parquet)
+VERSION = 7  # bump when the cached layout or its meaning changes (3: meta.json holds relevant_users; 4: the state runs save, datamodules/encode.py; 5: event_types; 6: features.parquet; 7: churn population, relevant-only labels, propensity_top values and the organisers' target files)
 CACHE_IRRELEVANT = ("batch_size", "bucket_by_length", "num_workers", "cache_dir")
 CACHE_FILES = ("users.parquet", "targets.parquet", "features.parquet")
 
@@ -108,7 +112,19 @@ def is_val_user(user_ids: pl.Series, seed: int, fraction: float) -> np.ndarray:
     return np.array([zlib.crc32(f"{seed}:{u}".encode()) < threshold for u in user_ids.to_list()], dtype=bool)
 
 
+PROTOCOLS = ("user_split", "challenge")
+
+
 def resolve_cutoff(events: pl.LazyFrame, cfg: DataConfig) -> dt.datetime | None:
+    """The end of the history: data.cutoff*, or for the challenge protocol the organisers' start of the first target window."""
+    if cfg.protocol not in PROTOCOLS:
+        raise DataError(f"data.protocol: {cfg.protocol!r} is not one of {PROTOCOLS}")
+    if cfg.protocol == "challenge" and not (cfg.cutoff or cfg.cutoff_quantile is not None or cfg.cutoff_days_before_end):
+        start = split_start(cfg.path) if cfg.source == "recsys2025" and cfg.path else None
+        if start is not None:  # the organisers' split layout: the history is input/'s tables
+            return start
+        last = events.select(pl.col("time").max()).collect().item()  # as data_utils/split_data.py: whole days, ending with the last
+        return (last - dt.timedelta(days=2 * cfg.window_days - 1)).replace(hour=0, minute=0, second=0, microsecond=0)
     if cfg.cutoff:
         try:
             return dt.datetime.fromisoformat(cfg.cutoff)
@@ -167,7 +183,9 @@ def build(source: SourceData, cfg: DataConfig, seed: int, key: str, path: Path) 
     for t in cfg.targets:
         if t.kind not in KINDS:
             raise DataError(f"data.targets.{t.name}: unknown kind {t.kind!r}; choose from {KINDS}")
-    if any(t.kind in FUTURE_KINDS for t in cfg.targets) and not (cfg.cutoff or cfg.cutoff_quantile is not None or cfg.cutoff_days_before_end):
+        if t.active_only and t.kind != "churn":
+            raise DataError(f"data.targets.{t.name}.active_only: only a churn target has a population to restrict, not {t.kind!r}")
+    if cfg.protocol != "challenge" and any(t.kind in FUTURE_KINDS for t in cfg.targets) and not (cfg.cutoff or cfg.cutoff_quantile is not None or cfg.cutoff_days_before_end):
         raise DataError("data.cutoff: future-window targets need data.cutoff, data.cutoff_quantile or data.cutoff_days_before_end")
 
     counts = dict(source.counts)
@@ -182,10 +200,22 @@ def build(source: SourceData, cfg: DataConfig, seed: int, key: str, path: Path) 
     cutoff = resolve_cutoff(events, cfg)
     future = None
     in_history = ~duplicate
+    official = read_target_files(cfg.path) if source.name == "recsys2025" and cfg.path else TargetFiles()
+    active: dict[str, pl.Series] = {}  # churn target -> its population (active_only)
     if cutoff is not None:
         in_history = raw.select(pl.col("_kept") & (pl.col("time") < cutoff)).to_series().to_numpy()
-        window_end = cutoff + dt.timedelta(days=cfg.window_days)
-        future = events.filter((pl.col("time") >= cutoff) & (pl.col("time") < window_end)).collect()
+        window = dt.timedelta(days=cfg.window_days)
+        future = events.filter((pl.col("time") >= cutoff) & (pl.col("time") < cutoff + window)).collect()
+        if cfg.protocol == "challenge":  # the first window fits the heads, the second scores them
+            last = events.select(pl.col("time").max()).collect().item()
+            if last < cutoff + window:
+                raise DataError(
+                    f"data.protocol=challenge: the data ends at {last}, before the second target window ({cutoff + window}); "
+                    "move data.cutoff* earlier or use protocol=user_split"
+                )
+            future = (future, events.filter((pl.col("time") >= cutoff + window) & (pl.col("time") < cutoff + 2 * window)).collect())
+        past = events.filter(pl.col("time") < cutoff)
+        active = {t.name: active_users(t, past, schema.event_type, official.active_clients) for t in cfg.targets if t.active_only}
         counts["events_after_cutoff"] = int((~duplicate).sum() - in_history.sum())
     of_types = of_event_types(raw, schema.event_type, cfg.event_types)
     counts["history_events_of_other_types"] = int((in_history & ~of_types).sum())
@@ -239,14 +269,24 @@ def build(source: SourceData, cfg: DataConfig, seed: int, key: str, path: Path) 
     vocab_sizes[DAY_FIELD] = FIRST_ID + max_day + 1
     vocab_sizes[WEEK_FIELD] = FIRST_ID + max_day // 7 + 1
 
-    targets, classes = pl.DataFrame({"user_id": frame["user_id"]}), {}
+    targets, target_meta = pl.DataFrame({"user_id": frame["user_id"]}), {}
     for t in cfg.targets:
+        values, fixed = None, official.classes.get(t.field) if t.kind == "propensity_top" else None
         if t.kind in STATIC_KINDS:
             label, names = static_labels(t, source.labels, frame["user_id"])
+        elif cfg.protocol == "challenge":
+            label, fit_label, names = two_window_labels(t, future, frame["user_id"], schema.event_type, active.get(t.name), fixed, source.relevant_users)
+            targets = targets.with_columns(fit_label.alias(t.name + FIT_SUFFIX))
         else:
-            label, names = future_labels(t, future, frame["user_id"], schema.event_type)
+            label, names, values = future_labels(t, future, frame["user_id"], schema.event_type, active.get(t.name), fixed)
+        if source.relevant_users is not None:  # only the relevant clients are scored, as the organisers do
+            label = only_users(label, frame["user_id"], source.relevant_users)
+            values = None if values is None else only_users(values, frame["user_id"], source.relevant_users)
         targets = targets.with_columns(label.alias(t.name))
-        classes[t.name] = names
+        if values is not None:
+            targets = targets.with_columns(values.alias(t.name + VALUES_SUFFIX))
+        popularity = official.popularity.get(t.field) if fixed else None
+        target_meta[t.name] = {"kind": t.kind, "classes": names, "top_k": t.top_k, "popularity": None if popularity is None else popularity.tolist()}
     if source.labels is not None:
         counts["labelled_users_without_events"] = int((~source.labels["user_id"].is_in(frame["user_id"].implode())).sum())
 
@@ -260,8 +300,9 @@ def build(source: SourceData, cfg: DataConfig, seed: int, key: str, path: Path) 
         "vocab_sizes": vocab_sizes,
         "value_fields": schema.value_fields,
         "code_fields": [f.name for f in schema.of_kind("codes")],
-        "targets": {t.name: {"kind": t.kind, "classes": classes[t.name]} for t in cfg.targets},
+        "targets": target_meta,
         "cutoff": cutoff.isoformat() if cutoff else None,
+        "protocol": cfg.protocol,
         "t0": t0.isoformat(),
         "max_len": cfg.max_len,
         "event_types": cfg.event_types,
@@ -314,11 +355,17 @@ def load(path: Path) -> Prepared:
     targets = []
     for name, info in meta["targets"].items():
         kind = evaluation_kind(info["kind"], len(info["classes"]))
+        fit = table[name + FIT_SUFFIX] if name + FIT_SUFFIX in table.columns else None
         if kind == MULTILABEL:
             labels = table[name].to_numpy().astype(np.int8)
+            values = table[name + VALUES_SUFFIX] if name + VALUES_SUFFIX in table.columns else None
+            popularity = None if info.get("popularity") is None else np.asarray(info["popularity"], dtype=np.float64)
+            fit_labels = None if fit is None else fit.to_numpy().astype(np.int8)
+            targets.append(Target(name, kind, labels, info["classes"], values, info.get("top_k", 0), popularity, fit_labels))
         else:
             labels = table[name].fill_null(-1).to_numpy().astype(np.int64)
-        targets.append(Target(name, kind, labels, info["classes"]))
+            fit_labels = None if fit is None else fit.fill_null(-1).to_numpy().astype(np.int64)
+            targets.append(Target(name, kind, labels, info["classes"], fit_labels=fit_labels))
     prepared = prepared_of(users, meta, targets, table["is_val"].to_numpy(), path)
     prepared.features = pl.read_parquet(path / "features.parquet")
     if not prepared.features["user_id"].equals(users["user_id"]):

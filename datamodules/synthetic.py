@@ -1,6 +1,6 @@
 """Synthetic data in real layouts, with planted structure so that targets are learnable.
 
-    python -m datamodules.synthetic recsys2025 --clients 100000 --out /tmp/rs25 [--seed 0] [--days 120]
+    python -m datamodules.synthetic recsys2025 --clients 100000 --out /tmp/rs25 [--seed 0] [--days 120] [--targets] [--split]
 
 recsys2025 writes the official RecSys Challenge 2025 layout (see datamodules/sources/recsys2025.py)
 with this planted structure, so a good user embedding has something to find:
@@ -12,13 +12,20 @@ with this planted structure, so a good user embedding has something to find:
 - activity is heavy-tailed (lognormal rates) with a per-client mix of event types; some
   clients join late; 30% are churners whose activity decays and stops 7-56 days before the
   end, so with the default 120 days the last 14 days work as a churn / propensity window.
-The ground truth is not written (the layout stays exactly the official one).
+The ground truth is not written (the layout stays exactly the official one). With --targets the
+organisers' target/ files are written too, computed as they describe them from the provided
+events: active_clients.npy (relevant clients with >= 1 product_buy), propensity_{category,sku}.npy
+(the 100 most bought values) and popularity_propensity_{category,sku}.npy (each one's share of buys).
+With --split, also what the organisers' data_utils/split_data.py writes: input/<table>.parquet (events
+before the first target window) and target/{train,validation}_target.parquet (purchases of the two
+14-day windows, properties joined).
 Everything is vectorised numpy (no per-event Python loop) and deterministic given the seed.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import time
 from pathlib import Path
 
@@ -30,6 +37,7 @@ EVENT_MIX = np.array([0.10, 0.20, 0.07, 0.50, 0.13])  # mean share of each table
 START = np.datetime64("2022-06-01T00:00:00", "s").astype(np.int64)  # epoch seconds of day 0
 ARCHETYPES, PREFERRED, URL_POOL, CODE_LENGTH = 8, 6, 40, 16
 CHURN_RATE = 0.3
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 
 
 def generate_recsys2025(
@@ -40,8 +48,10 @@ def generate_recsys2025(
     skus: int = 20000,
     urls: int = 50000,
     events_per_client: float = 100.0,
+    targets: bool = False,
+    split: bool = False,
 ) -> dict[str, int]:
-    """Write the layout into out_dir; returns the rows written per file (events, properties, relevant clients)."""
+    """Write the layout into out_dir (targets: also the organisers' target/ files); returns the rows written per file."""
     if clients < 1 or days < 60 or skus < 1 or urls < 1 or events_per_client <= 0:
         raise ValueError("generate_recsys2025: need clients >= 1, days >= 60, skus >= 1, urls >= 1, events_per_client > 0")
     rng = np.random.default_rng(seed)
@@ -116,6 +126,44 @@ def generate_recsys2025(
     relevant = client_ids[n_events[:, :3].sum(axis=1) > 0]
     np.save(out / "input" / "relevant_clients.npy", relevant)
     counts["relevant_clients"] = int(relevant.size)
+    if targets:
+        counts.update(write_target_files(out, relevant))
+    if split:
+        counts.update(write_split_layout(out))
+    return counts
+
+
+def write_split_layout(out: Path, days_in_target: int = 14) -> dict[str, int]:
+    """input/ and target/ as data_utils/split_data.py: the end is the last purchase, windows are whole days."""
+    buys = pl.read_parquet(out / "product_buy.parquet").with_columns(pl.col("timestamp").str.to_datetime(TIME_FORMAT).alias("_t"))
+    end = buys["_t"].max()
+    first = (end - dt.timedelta(days=2 * days_in_target - 1)).replace(hour=0, minute=0, second=0)
+    second = first + dt.timedelta(days=days_in_target)
+    for table in EVENT_TABLES:
+        frame = pl.read_parquet(out / f"{table}.parquet")
+        frame.filter(pl.col("timestamp").str.to_datetime(TIME_FORMAT) < first).write_parquet(out / "input" / f"{table}.parquet")
+    joined = buys.join(pl.read_parquet(out / "product_properties.parquet"), on="sku", how="left")
+    (out / "target").mkdir(exist_ok=True)
+    counts = {}
+    for name, keep in (("train_target", pl.col("_t").is_between(first, second, closed="left")), ("validation_target", pl.col("_t").is_between(second, end))):
+        part = joined.filter(keep).drop("_t")
+        part.write_parquet(out / "target" / f"{name}.parquet")
+        counts[name] = part.height
+    return counts
+
+
+def write_target_files(out: Path, relevant: np.ndarray, n_classes: int = 100) -> dict[str, int]:
+    """target/active_clients.npy, propensity_{category,sku}.npy and their popularity, from the events in `out`."""
+    buys = pl.read_parquet(out / "product_buy.parquet").join(pl.read_parquet(out / "product_properties.parquet"), on="sku")
+    (out / "target").mkdir(exist_ok=True)
+    active = relevant[np.isin(relevant, buys["client_id"].to_numpy())]
+    np.save(out / "target" / "active_clients.npy", active)
+    counts = {"active_clients": int(active.size)}
+    for field in ("category", "sku"):
+        top = buys.group_by(field).len().sort(["len", field], descending=[True, False]).head(n_classes)
+        np.save(out / "target" / f"propensity_{field}.npy", top[field].to_numpy().astype(np.int64))
+        np.save(out / "target" / f"popularity_propensity_{field}.npy", (top["len"] / buys.height).to_numpy())
+        counts[f"propensity_{field}"] = top.height
     return counts
 
 
@@ -154,10 +202,12 @@ def main(argv: list[str] | None = None) -> None:
     rs.add_argument("--skus", type=int, default=20000, help="number of products")
     rs.add_argument("--urls", type=int, default=50000, help="number of distinct urls")
     rs.add_argument("--events-per-client", type=float, default=100.0, help="activity scale (the mean is lower: churners and late joiners)")
+    rs.add_argument("--targets", action="store_true", help="also write the organisers' target/ files (active clients, fixed propensity classes, popularity)")
+    rs.add_argument("--split", action="store_true", help="also write the organisers' split layout (input/ tables, target/ train and validation windows)")
     args = parser.parse_args(argv)
 
     began = time.perf_counter()
-    counts = generate_recsys2025(args.out, args.clients, args.seed, args.days, args.skus, args.urls, args.events_per_client)
+    counts = generate_recsys2025(args.out, args.clients, args.seed, args.days, args.skus, args.urls, args.events_per_client, args.targets, args.split)
     seconds = time.perf_counter() - began
     events = sum(counts[t] for t in EVENT_TABLES)
     for name, n in counts.items():

@@ -14,12 +14,21 @@ from datamodules.sources.base import DataError
 
 @dataclass
 class Target:
-    """One probe target. labels[u] is the class of store row u (-1: no label for that user)."""
+    """One probe target. labels[u] is the class of store row u (-1: no label for that user; multilabel: a row of -1).
+
+    A multi-label target with `values` has no fixed classes: its heads use `multilabel_for(target,
+    fit)`, the top_k values among the users they fit on, so evaluation users' labels never choose
+    a class; `labels`/`classes` then hold the top_k over all labelled users, for description only.
+    """
 
     name: str
     kind: str  # one of PROBE_KINDS or MULTILABEL
     labels: np.ndarray  # int64 [U]; multilabel: int8 [U, K] (one column per class)
     classes: list[str]  # class names; label k is classes[k] (binary: [negative, positive])
+    values: pl.Series | None = None  # multilabel without fixed classes: each user's window values (List[String]; null: unlabelled)
+    top_k: int = 0  # multilabel: how many classes multilabel_for chooses
+    popularity: np.ndarray | None = None  # multilabel: the organisers' popularity of the fixed classes (None: from FIT labels)
+    fit_labels: np.ndarray | None = None  # challenge protocol: the first window's labels, what heads fit on (labels: the second's, scored)
 
 
 # Config kinds (data.targets[].kind): the only list; preprocessing and the config help refer to it.
@@ -30,6 +39,8 @@ MULTILABEL_KINDS = ("propensity_top",)  # config kinds whose labels are [U, K]
 # Evaluation kinds (Target.kind): the linear probe takes PROBE_KINDS, the downstream MLP MULTILABEL.
 PROBE_KINDS = ("binary", "multiclass")
 MULTILABEL = "multilabel"
+VALUES_SUFFIX = ".values"  # targets.parquet column of a propensity_top target's per-user window values
+FIT_SUFFIX = ".fit"  # targets.parquet column of a future target's first-window labels (challenge protocol)
 
 
 def evaluation_kind(config_kind: str, n_classes: int) -> str:
@@ -79,11 +90,16 @@ def static_labels(spec, labels: pl.DataFrame | None, user_ids: pl.Series) -> tup
     raise ValueError(f"not a static target kind: {spec.kind}")
 
 
-def future_labels(spec, future: pl.DataFrame, user_ids: pl.Series, event_type_field: str | None) -> tuple[pl.Series, list[str]]:
-    """Labels computed from the events in the target window after the cutoff.
+def future_labels(
+    spec, future: pl.DataFrame, user_ids: pl.Series, event_type_field: str | None,
+    active: pl.Series | None = None, fixed_classes: list[str] | None = None,
+) -> tuple[pl.Series, list[str], pl.Series | None]:
+    """Labels computed from the events in the target window after the cutoff, their classes and (propensity_top) each user's values.
 
     spec.event_type restricts which window events count (e.g. only product_buy for the
-    challenge's churn and propensity); spec.field must then be an event field.
+    challenge's churn and propensity); spec.field must then be an event field. `active`
+    (churn with spec.active_only): the users active in the history; the others get no label.
+    `fixed_classes` (propensity_top): the organisers' classes, used instead of the window's top_k.
     """
     if spec.event_type is not None:
         if event_type_field is None:
@@ -91,28 +107,105 @@ def future_labels(spec, future: pl.DataFrame, user_ids: pl.Series, event_type_fi
         counted = future.filter(pl.col(event_type_field).cast(pl.String) == spec.event_type)
     else:
         counted = future
-    active = counted["user_id"].unique()
+    in_window = counted["user_id"].unique()
     if spec.kind == "churn":
-        return (~user_ids.is_in(active.implode())).cast(pl.Int64), ["active", "churned"]
+        label = (~user_ids.is_in(in_window.implode())).cast(pl.Int64)
+        if active is not None:
+            label = label.set(~user_ids.is_in(active.cast(pl.String).implode()), None)
+        return label, ["active", "churned"], None
     if spec.field is None or spec.field not in future.columns:
         raise DataError(f"data.targets.{spec.name}: field {spec.field!r} is not an event field; fields are {future.columns}")
     values = counted.select("user_id", pl.col(spec.field).cast(pl.String).alias("value")).drop_nulls()
     if spec.kind == "propensity_top":
-        top = values.group_by("value").agg(pl.col("user_id").n_unique().alias("n")).sort(["n", "value"], descending=[True, False])
-        classes = top["value"].head(spec.top_k).to_list()
+        per_user = values.group_by("user_id").agg(pl.col("value").unique().sort())
+        lists = pl.DataFrame({"user_id": user_ids}).join(per_user, on="user_id", how="left", maintain_order="left")["value"]
+        lists = lists.fill_null(pl.Series([[]], dtype=pl.List(pl.String)))
+        classes = fixed_classes or top_values(lists, spec.top_k)
         if not classes:
             raise DataError(f"data.targets.{spec.name}: no {spec.field} values in the target window")
-        rows = pl.DataFrame({"user_id": user_ids, "row": np.arange(len(user_ids))})
-        hits = (
-            values.filter(pl.col("value").is_in(classes))
-            .join(rows, on="user_id")
-            .select("row", pl.col("value").replace_strict(classes, range(len(classes)), return_dtype=pl.Int64).alias("col"))
-        )
-        matrix = np.zeros((len(user_ids), len(classes)), dtype=np.int8)
-        matrix[hits["row"].to_numpy(), hits["col"].to_numpy()] = 1
-        return pl.Series(spec.name, matrix, dtype=pl.Array(pl.Int8, len(classes))), classes
+        matrix = label_matrix(lists, classes)
+        return pl.Series(spec.name, matrix, dtype=pl.Array(pl.Int8, len(classes))), classes, None if fixed_classes else lists
     if spec.value is None:
         raise DataError(f"data.targets.{spec.name}: a propensity target needs field and value")
     hits = values.filter(pl.col("value") == str(spec.value))["user_id"].unique()
     label = user_ids.is_in(hits.implode()).cast(pl.Int64)
-    return label.set(~user_ids.is_in(active.implode()), None), ["no", str(spec.value)]
+    return label.set(~user_ids.is_in(in_window.implode()), None), ["no", str(spec.value)], None
+
+
+def top_values(lists: pl.Series, top_k: int) -> list[str]:
+    """The top_k values held by most users of `lists` (List[String] per user), ties broken by value."""
+    values = pl.DataFrame({"value": lists}).with_row_index("row").explode("value").drop_nulls("value")
+    top = values.group_by("value").agg(pl.col("row").n_unique().alias("n")).sort(["n", "value"], descending=[True, False])
+    return top["value"].head(top_k).to_list()
+
+
+def label_matrix(lists: pl.Series, classes: list[str]) -> np.ndarray:
+    """int8 [U, K]: 1 where user u's list holds classes[k]; a null list (unlabelled user) is a row of -1."""
+    values = pl.DataFrame({"value": lists}).with_row_index("row").explode("value")
+    hits = values.filter(pl.col("value").is_in(classes))
+    matrix = np.zeros((len(lists), len(classes)), dtype=np.int8)
+    cols = hits["value"].replace_strict(classes, range(len(classes)), return_dtype=pl.Int64).to_numpy()
+    matrix[hits["row"].to_numpy(), cols] = 1
+    matrix[lists.is_null().to_numpy()] = -1
+    return matrix
+
+
+def labelled_rows(labels: np.ndarray) -> np.ndarray:
+    """bool [U]: the users with a label ([U] labels >= 0, or a [U, K] row without -1)."""
+    labels = np.asarray(labels)
+    return labels >= 0 if labels.ndim == 1 else (labels >= 0).all(axis=1)
+
+
+def multilabel_for(target: Target, fit: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """The [U, K] labels and classes a multi-label head uses: the fixed classes, or the top_k values among FIT users only."""
+    if target.values is None:
+        return target.labels, target.classes
+    classes = top_values(target.values.filter(pl.Series(fit)), target.top_k)
+    if not classes:
+        raise ValueError(f"target {target.name!r}: the FIT users hold no value in the target window")
+    return label_matrix(target.values, classes), classes
+
+
+def only_users(label: pl.Series, user_ids: pl.Series, keep: list[str]) -> pl.Series:
+    """`label` with every user outside `keep` unlabelled (null; a multi-label row of -1)."""
+    outside = ~user_ids.is_in(pl.Series(keep, dtype=pl.String).implode())
+    if isinstance(label.dtype, pl.Array):
+        matrix = label.to_numpy().copy()
+        matrix[outside.to_numpy()] = -1
+        return pl.Series(label.name, matrix, dtype=label.dtype)
+    return pl.select(pl.when(~outside).then(pl.lit(label))).to_series().alias(label.name)
+
+
+def active_users(spec, past: pl.LazyFrame, event_type_field: str | None, listed: list[str] | None) -> pl.Series:
+    """The churn population: the organisers' active clients `listed` when given, else users with >= 1 history event of spec.event_type."""
+    if listed is not None:
+        return pl.Series("user_id", listed, dtype=pl.String)
+    if spec.event_type is not None:
+        if event_type_field is None:
+            raise DataError(f"data.targets.{spec.name}: event_type {spec.event_type!r} given, but the schema has no event_type field")
+        past = past.filter(pl.col(event_type_field).cast(pl.String) == spec.event_type)
+    return past.select(pl.col("user_id").unique()).collect().to_series()
+
+
+def two_window_labels(
+    spec, windows: tuple[pl.DataFrame, pl.DataFrame], user_ids: pl.Series, event_type_field: str | None,
+    active: pl.Series | None, fixed_classes: list[str] | None, relevant: list[str] | None,
+) -> tuple[pl.Series, pl.Series, list[str]]:
+    """The challenge protocol's labels: (second window: scored, first window: fitted on, classes).
+
+    propensity_top classes are the organisers' fixed ones, else the top_k values of the first window
+    among the labelled (relevant) users: the side the heads fit on, never the scored window.
+    """
+    first, second = windows
+    fit_label, names, values = future_labels(spec, first, user_ids, event_type_field, active, fixed_classes)
+    if values is not None:
+        if relevant is not None:
+            values = only_users(values, user_ids, relevant)
+        names = top_values(values, spec.top_k)
+        if not names:
+            raise DataError(f"data.targets.{spec.name}: no {spec.field} values in the first target window")
+        fit_label = pl.Series(spec.name, label_matrix(values, names), dtype=pl.Array(pl.Int8, len(names)))
+    label, _, _ = future_labels(spec, second, user_ids, event_type_field, active, names if spec.kind == "propensity_top" else None)
+    if relevant is not None:
+        fit_label = only_users(fit_label, user_ids, relevant)
+    return label, fit_label, names

@@ -7,9 +7,16 @@ metric_calculators.py, metrics_containers.py, constants.py) and /work/shared/REF
 ("Encode Me If You Can" -> "Challenge evaluation"). Where the two differ, the organisers' code wins;
 every deviation from it is listed here:
 
-- Epoch selection: the organisers keep the epoch with the best score on the very users they report,
-  which leaks the evaluation labels into the result. Here the best epoch is chosen on the VAL users,
-  by the same criterion (the task's score), and TEST users are only scored.
+- Protocol (data.protocol=challenge, recsys2025.yaml's default): as the organisers, the head trains on
+  every labelled client's labels of the first 14-day window after the history and is scored on the
+  same clients' labels of the following 14 days. The organisers keep the epoch best on the very labels
+  they report, which leaks them into the result; here the scored clients are split (probe.split) into
+  VAL, whose second-window labels choose the epoch (and nothing else), and TEST, whose second-window
+  labels are only reported. The head still trains on every client's first-window labels (TEST's too:
+  an earlier window, never a reported label). Propensity classes and popularity come from that first
+  window (or the organisers' target/ files). data.protocol=user_split keeps one window: FIT users'
+  labels train, VAL users' select, TEST users' are reported, classes and popularity from FIT users.
+- Epoch selection: by the organisers' criterion (the task's score), on VAL users only.
 - Inputs are standardised with the mean/std of the FIT users (the organisers feed raw embeddings).
 - Training batches are shuffled with a seeded generator (the organisers' train loader does not shuffle).
 - Metrics: see evaluation/challenge_metrics.py (one deviation in multi-label AUROC).
@@ -99,6 +106,7 @@ def train_downstream(
     val: np.ndarray,
     test: np.ndarray | None = None,
     popularity: np.ndarray | None = None,
+    fit_labels: np.ndarray | None = None,
     width: int = 256,
     blocks: int = 3,
     expansion: int = 2,
@@ -113,8 +121,10 @@ def train_downstream(
     active users in the masks). BCE with logits, AdamW(lr), `epochs` epochs; after each epoch the
     head is scored on the VAL users and the weights of the best epoch are kept; "best" is the
     organisers' criterion, the task's score (challenge_score for multi-label, AUROC for binary).
-    TEST users (None: none) are scored once, after the choice. popularity defaults to
-    popularity_of(labels, fit). Deterministic for a seed at a given torch thread count.
+    TEST users (None: none) are scored once, after the choice. fit_labels (the challenge
+    protocol's first window; default: labels) are what the head trains on; with them FIT may
+    hold VAL and TEST users too (same users, an earlier window). popularity defaults to
+    popularity_of(the labels trained on, fit). Deterministic for a seed at a given torch thread count.
     Metrics: {"auroc", "novelty", "diversity", "score"} (multi-label) or {"auroc"} (binary).
     """
     x = np.asarray(embeddings)
@@ -131,13 +141,18 @@ def train_downstream(
             raise ValueError(f"{name} must be a bool mask of shape ({len(x)},), got {mask.dtype} {mask.shape}")
         if not mask.any():
             raise ValueError(f"{name}: no users selected")
-    overlap = sum(m.astype(int) for m in masks.values()) > 1
+    disjoint = masks if fit_labels is None else {k: m for k, m in masks.items() if k != "fit"}
+    overlap = sum(m.astype(int) for m in disjoint.values()) > 1
     if overlap.any():
-        raise ValueError(f"{int(overlap.sum())} users are in more than one of {sorted(masks)}")
+        raise ValueError(f"{int(overlap.sum())} users are in more than one of {sorted(disjoint)}")
+    y_fit = y if fit_labels is None else np.asarray(fit_labels)
+    if y_fit.shape != y.shape:
+        raise ValueError(f"fit_labels must have the shape of labels {y.shape}, got {y_fit.shape}")
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     used = np.logical_or.reduce(list(masks.values()))
-    if not np.isin(y[used], (0, 1)).all():
+    scored = np.logical_or.reduce([m for k, m in masks.items() if k != "fit"])
+    if not np.isin(y[scored], (0, 1)).all() or not np.isin(y_fit[masks["fit"]], (0, 1)).all():
         raise ValueError(f"labels of {'/'.join(masks)} users must be 0 or 1")
     if not np.isfinite(x[used]).all():
         raise ValueError(f"embeddings of {'/'.join(masks)} users hold {int((~np.isfinite(x[used])).sum())} non-finite values")
@@ -147,7 +162,7 @@ def train_downstream(
     if not multilabel and popularity is not None:
         raise ValueError("popularity is only used by multi-label tasks; labels are binary [U]")
     if multilabel and popularity is None:
-        popularity = popularity_of(y, fit)
+        popularity = popularity_of(y_fit, fit)
     y2 = y.reshape(len(y), -1).astype(np.float32)
     target = y2 if multilabel else y2[:, 0]  # what the metrics compare logits against
 
@@ -155,7 +170,7 @@ def train_downstream(
     std = x[fit].std(axis=0, dtype=np.float64)
     std[std == 0] = 1.0  # constant dimensions carry nothing; leave them at 0
     xs = torch.from_numpy(((x - mean) / std).astype(np.float32))
-    ys = torch.from_numpy(y2)
+    ys = torch.from_numpy(y_fit.reshape(len(y_fit), -1).astype(np.float32))
     val_rows = np.flatnonzero(masks["val"])
 
     with torch.random.fork_rng(devices=[]):  # seeded init without resetting the caller's global RNG

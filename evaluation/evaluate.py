@@ -41,14 +41,18 @@ def evaluate(cfg: DictConfig, prepared: Prepared, embeddings: np.ndarray, scores
         )
     for t in prepared.targets:
         if t.kind == MULTILABEL:
+            from datamodules.targets import labelled_rows, multilabel_for
             from evaluation.downstream import train_downstream
-            from evaluation.splits import FIT, TEST, VAL, user_split
+            from evaluation.probe import fit_side
+            from evaluation.splits import TEST, VAL
 
-            split = user_split(t.labels, cfg.seed, t.name, fractions)
+            split, fit, _ = fit_side(t, cfg.seed, fractions)
+            labels, _ = multilabel_for(t, fit)  # classes from the FIT users' labels (or fixed: organisers' files, first window)
+            scored = labelled_rows(labels)
             d = cfg.probe.downstream
             result = train_downstream(
-                embeddings, t.labels, split == FIT, split == VAL, split == TEST, width=d.width, blocks=d.blocks,
-                epochs=d.epochs, lr=d.lr, batch_size=d.batch_size, seed=cfg.seed,
+                embeddings, labels, fit, (split == VAL) & scored, (split == TEST) & scored, popularity=t.popularity,
+                fit_labels=t.fit_labels, width=d.width, blocks=d.blocks, epochs=d.epochs, lr=d.lr, batch_size=d.batch_size, seed=cfg.seed,
             )
             out.update({f"downstream_val/{t.name}/{k}": float(v) for k, v in result.val.items()})
             out.update({f"downstream_test/{t.name}/{k}": float(v) for k, v in result.test.items()})

@@ -12,7 +12,7 @@ import numpy as np
 
 from datamodules.targets import PROBE_KINDS, Target
 from evaluation.metrics import ks_statistic, macro_ovr, roc_auc
-from evaluation.splits import DEFAULT_FRACTIONS, FIT, PARTS, user_split
+from evaluation.splits import DEFAULT_FRACTIONS, FIT, PARTS, UNLABELLED, user_split
 
 CV_GRID = [1e-3, 1e-2, 1e-1, 1.0, 10.0]  # C candidates when the probe picks C itself
 
@@ -53,13 +53,12 @@ def probe_embeddings(
             raise ValueError(f"target {t.name!r}: {len(t.labels)} labels for {len(x)} embedding rows")
         if t.kind not in PROBE_KINDS:
             raise ValueError(f"target {t.name!r}: unknown kind {t.kind!r} (expected one of {PROBE_KINDS})")
-        split = user_split(t.labels, seed, t.name, fractions)
-        fit = split == FIT
+        split, fit, y_all = fit_side(t, seed, fractions)
         used = fit | np.isin(split, [PARTS[p] for p in parts])
         bad = int((~np.isfinite(x[used])).sum())
         if bad:
             raise ValueError(f"target {t.name!r}: embeddings of its {'/'.join(['FIT', *[p.upper() for p in parts]])} users hold {bad} non-finite values")
-        y_fit = t.labels[fit]
+        y_fit = y_all[fit]
         if len(np.unique(y_fit)) < 2:
             raise ValueError(f"target {t.name!r}: FIT users hold {len(np.unique(y_fit))} classes; the probe needs 2+")
 
@@ -75,7 +74,7 @@ def probe_embeddings(
         model.fit(x[fit], y_fit)
 
         for part in parts:
-            rows = split == PARTS[part]
+            rows = (split == PARTS[part]) & (t.labels >= 0)
             y = t.labels[rows]
             # Columns follow the target's classes, so a class missing from FIT scores 0 rather than shifting columns.
             probs = np.zeros((int(rows.sum()), len(t.classes)))
@@ -92,3 +91,18 @@ def probe_embeddings(
             results[f"probe_{part}/{t.name}/auc"] = auc
             results[f"probe_{part}/{t.name}/ks"] = ks
     return results
+
+
+def fit_side(t: Target, seed: int, fractions: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(split, rows a head fits on, the labels it fits on) of one target.
+
+    user_split protocol: the FIT users' labels. Challenge protocol (t.fit_labels): every user with a
+    first-window label, as the organisers fit on all clients; VAL and TEST are scored on the second
+    window, so no label a head fits on or selects with is ever reported. The split is drawn from the
+    first-window labels (stratified by them).
+    """
+    if t.fit_labels is None:
+        split = user_split(t.labels, seed, t.name, fractions)
+        return split, split == FIT, t.labels
+    split = user_split(t.fit_labels, seed, t.name, fractions)
+    return split, split != UNLABELLED, t.fit_labels

@@ -3,7 +3,8 @@
 The split is computed when evaluating, from (seed, target name, labels) and the fractions of
 `probe.split`, so changing the fractions needs no new preprocessing. Every user draws one
 seeded key, independent of any label; within each class the users are ordered by key and cut
-at the fractions (stratified). Multi-label targets are cut the same way over all users.
+at the fractions (stratified). Multi-label targets are cut the same way over all their labelled
+users (a row of -1 is unlabelled, e.g. a client outside the relevant ones).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def user_split(labels: np.ndarray, seed: int, name: str, fractions: Sequence[flo
     labels = np.asarray(labels)
     keys = user_keys(len(labels), seed, name)
     split = np.full(len(labels), UNLABELLED, dtype=np.int8)
-    groups = [np.arange(len(labels))] if labels.ndim == 2 else [np.flatnonzero(labels == c) for c in np.unique(labels[labels >= 0])]
+    groups = [np.flatnonzero((labels >= 0).all(axis=1))] if labels.ndim == 2 else [np.flatnonzero(labels == c) for c in np.unique(labels[labels >= 0])]
     for rows in groups:
         ordered = rows[np.argsort(keys[rows], kind="stable")]
         cut_fit, cut_val = (int(round(c * len(ordered))) for c in (fit, fit + val))

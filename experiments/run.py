@@ -55,8 +55,10 @@ def export_submission(prepared, embeddings, out: Path, embedder=None) -> int:
     """The challenge's submission for its relevant clients; a client without history gets the mean of the others.
 
     With `embedder` (an experiments.finished_run.EmbeddingRun of this run) the relevant clients are
-    embedded from the source's events by the trained model, through the path that embeds
-    new data; an ensemble (no model of its own) exports its vectors of the prepared users.
+    embedded by the trained model from ALL the source's events, through the path that embeds
+    new data: the organisers' targets lie after the provided data, so the history cut that
+    local validation needs (data.cutoff*) must not hide the last weeks from the submission.
+    An ensemble (no model of its own) exports its vectors of the prepared users (history only).
     The relevant clients are the list preprocessing kept from the source (every user when
     the source has none). Returns how many relevant clients had no history (counted in metrics.json).
     """
@@ -66,8 +68,7 @@ def export_submission(prepared, embeddings, out: Path, embedder=None) -> int:
 
     relevant = prepared.meta["relevant_users"]
     if embedder is not None:
-        until = "cutoff" if prepared.meta["cutoff"] else None  # the history the model trained on
-        frame = embedder.embed(None, until=until, users=relevant)
+        frame = embedder.embed(None, until=None, users=relevant)
         known_ids, known = frame["user_id"].to_numpy(), frame["embedding"].to_numpy()
     else:
         known_ids, known = prepared.store.user_ids, embeddings

@@ -90,6 +90,12 @@ def relabelled_cache(cache: Path, seed: int) -> Path:
         changed = (labels != t.labels).reshape(len(labels), -1).any(axis=1)
         assert changed.sum() >= 4 and (user_split(t.labels, seed, t.name)[changed] == TEST).all(), t.name
         column = table[t.name]
+        if t.values is not None:  # the window values the heads choose FIT-side classes from: rotated among TEST users
+            rows = np.flatnonzero(user_split(t.labels, seed, t.name) == TEST)
+            original, lists = t.values.to_list(), t.values.to_list()
+            for row, other in zip(rows, np.roll(rows, 1)):
+                lists[row] = original[other]
+            table = table.with_columns(pl.Series(t.values.name, lists, dtype=t.values.dtype))
         if labels.ndim == 2:
             table = table.with_columns(pl.Series(t.name, labels, dtype=column.dtype))
         else:

@@ -5,6 +5,9 @@
     search_query.parquet                                                 client_id, timestamp, query
     product_properties.parquet                                           sku, category, price, name
     input/relevant_clients.npy (optional)                                client ids to embed and export
+    target/active_clients.npy (optional)                                 the churn population (read_target_files)
+    target/propensity_{category,sku}.npy (optional)                      the 100 fixed classes of each propensity task
+    target/popularity_propensity_{category,sku}.npy (optional)           their popularity, for novelty
 
 All event tables become one frame, one row per event, with `event_type` naming its table.
 The three product tables get category, price bucket and name from product_properties by
@@ -24,9 +27,11 @@ sku listed twice in product_properties; a client id listed twice in relevant_cli
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +46,22 @@ PRODUCT_TABLES = ("product_buy", "add_to_cart", "remove_from_cart")
 EVENT_TABLES = (*PRODUCT_TABLES, "page_visit", "search_query")
 PROPERTIES = "product_properties"
 RELEVANT = Path("input") / "relevant_clients.npy"
+TARGET_DIR = Path("target")
+ACTIVE = TARGET_DIR / "active_clients.npy"
+PROPENSITY_FIELDS = ("category", "sku")  # the organisers' propensity tasks: propensity_<field>
+
+
+def class_file(name: str) -> Path:
+    """The fixed classes of the propensity task on event field `name`."""
+    return TARGET_DIR / f"propensity_{name}.npy"
+
+
+def popularity_file(name: str) -> Path:
+    """The popularity of each fixed class of propensity_<name> (novelty)."""
+    return TARGET_DIR / f"popularity_propensity_{name}.npy"
+
+
+TARGET_FILES = (ACTIVE, *(f(x) for x in PROPENSITY_FIELDS for f in (class_file, popularity_file)))
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 CODE_LENGTH, CODE_MAX = 16, 255
 MAX_SUBMISSION_DIM = 2048
@@ -63,15 +84,43 @@ CODES = pl.List(pl.Int16)
 OUTPUT_TYPES = {"sku": pl.String, "url": pl.String, "category": pl.String, "price": pl.String, "name": CODES, "query": CODES}
 
 
+SPLIT_TARGETS = (TARGET_DIR / "train_target.parquet", TARGET_DIR / "validation_target.parquet")
+
+
+def is_split_layout(folder: Path) -> bool:
+    """The organisers' split_data.py output: the input window's tables in input/, the two target windows' purchases in target/."""
+    return all((folder / "input" / f"{name}.parquet").is_file() for name in EVENT_TABLES) and all((folder / f).is_file() for f in SPLIT_TARGETS)
+
+
+def event_files(folder: Path) -> list[tuple[Path, str]]:
+    """(file, table) of every event file: the five tables, or in the split layout input/'s five plus the target windows' purchases."""
+    if is_split_layout(folder):
+        return [(folder / "input" / f"{name}.parquet", name) for name in EVENT_TABLES] + [(folder / f, "product_buy") for f in SPLIT_TARGETS]
+    return [(folder / f"{name}.parquet", name) for name in EVENT_TABLES]
+
+
+def split_start(folder: str | Path) -> dt.datetime | None:
+    """The split layout's history end: the first day of target/train_target.parquet at midnight (None: not that layout)."""
+    folder = Path(folder).expanduser()
+    if not is_split_layout(folder):
+        return None
+    path = folder / SPLIT_TARGETS[0]
+    frame = parse_time(scan_table(path).select("_row", "timestamp"), "timestamp", TIME_FORMAT, path)
+    first = frame.select(pl.col("time").min()).collect().item()
+    if first is None:
+        raise DataError(f"{path}: no rows; the split layout's first target window is empty")
+    return first.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
 def files(path: str | Path) -> list[Path]:
     """Every file the source reads (for the cache key); a missing table is an error. No parsing."""
     folder = Path(path).expanduser()
-    found = [folder / f"{name}.parquet" for name in (*EVENT_TABLES, PROPERTIES)]
+    found = [f for f, _ in event_files(folder)] + [folder / f"{PROPERTIES}.parquet"]
     for f in found:
         if not f.is_file():
             raise DataError(f"{f}: file not found; the recsys2025 source reads the challenge layout ({', '.join(p.name for p in found)})")
-    relevant = folder / RELEVANT
-    return found + ([relevant] if relevant.is_file() else [])
+    optional = [folder / name for name in (RELEVANT, *TARGET_FILES)]
+    return found + [f for f in optional if f.is_file()]
 
 
 def load(path: str | Path, only: UserRange | None = None) -> SourceData:
@@ -79,7 +128,7 @@ def load(path: str | Path, only: UserRange | None = None) -> SourceData:
     paths = files(path)
     folder = Path(path).expanduser()
     properties = read_properties(folder / f"{PROPERTIES}.parquet")
-    read = [read_events(folder / f"{name}.parquet", name, properties, only) for name in EVENT_TABLES]
+    read = [read_events(path, name, properties, only) for path, name in event_files(folder)]
     relevant = folder / RELEVANT
     users = read_relevant(relevant) if relevant in paths else None  # files() decides whether it is there
     time_kinds = {kind for _, kind in read}
@@ -91,7 +140,7 @@ def client_ids(path: str | Path) -> pl.Series:
     """Distinct client ids (as strings) of the five event tables, each scanned for that column alone."""
     folder = Path(path).expanduser()
     files(folder)
-    return pl.concat([distinct_users(folder / f"{name}.parquet", "client_id") for name in EVENT_TABLES]).unique()
+    return pl.concat([distinct_users(path, "client_id") for path, _ in event_files(folder)]).unique()
 
 
 def folder_of(cfg: DataConfig) -> Path:
@@ -199,6 +248,7 @@ def read_events(path: Path, table: str, properties: pl.LazyFrame, only: UserRang
 
     columns = {name: pl.lit(None, dtype=dtype) for name, dtype in OUTPUT_TYPES.items()}
     if table in PRODUCT_TABLES:
+        frame = frame.drop("category", "price", "name", strict=False)  # the split layout's target files carry them joined
         require_integer(frame, "sku", path)
         require_not_null(frame, ["sku"], path)
         frame = frame.with_columns(pl.col("sku").cast(pl.Int64))
@@ -227,11 +277,8 @@ def read_events(path: Path, table: str, properties: pl.LazyFrame, only: UserRang
 
 
 def read_relevant(path: Path) -> list[str]:
-    """The client ids to embed, as strings like `user_id`; duplicates are an error."""
-    try:
-        ids = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise DataError(f"{path}: cannot read as .npy: {str(err).splitlines()[0]}") from None
+    """Client ids (relevant or active clients) as strings like `user_id`; duplicates are an error."""
+    ids = load_npy(path)
     if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
         raise DataError(f"{path}: expected a 1-D array of integer client ids, got dtype {ids.dtype} and shape {ids.shape}")
     values, first, counts = np.unique(ids, return_index=True, return_counts=True)
@@ -240,6 +287,50 @@ def read_relevant(path: Path) -> list[str]:
         where = np.flatnonzero(ids == dup)[:2].tolist()
         raise DataError(f"{path}: client id {int(dup)} appears more than once (positions {where[0]} and {where[1]})")
     return [str(i) for i in ids.tolist()]
+
+
+@dataclass
+class TargetFiles:
+    """The organisers' target/ files that are present; each replaces what preprocessing would derive."""
+
+    active_clients: list[str] | None = None  # the churn population (client ids as strings)
+    classes: dict[str, list[str]] = field(default_factory=dict)  # field -> the fixed propensity classes
+    popularity: dict[str, np.ndarray] = field(default_factory=dict)  # field -> popularity of each class
+
+
+def read_target_files(folder: str | Path) -> TargetFiles:
+    """target/active_clients.npy, propensity_{category,sku}.npy and their popularity, whichever exist; malformed: an error naming the file."""
+    folder = Path(folder).expanduser()
+    out = TargetFiles()
+    if (folder / ACTIVE).is_file():
+        out.active_clients = read_relevant(folder / ACTIVE)
+    for name in PROPENSITY_FIELDS:
+        classes, popularity = folder / class_file(name), folder / popularity_file(name)
+        if popularity.is_file() and not classes.is_file():
+            raise DataError(f"{popularity}: popularity without its classes {classes.name}")
+        if not classes.is_file():
+            continue
+        values = load_npy(classes)
+        if values.ndim != 1 or not np.issubdtype(values.dtype, np.integer) or values.size == 0:
+            raise DataError(f"{classes}: expected a non-empty 1-D array of integer {name} ids, got dtype {values.dtype} and shape {values.shape}")
+        if np.unique(values).size != values.size:
+            raise DataError(f"{classes}: a {name} id is listed more than once")
+        out.classes[name] = [str(v) for v in values.tolist()]
+        if popularity.is_file():
+            pop = load_npy(popularity)
+            if pop.shape != values.shape or not np.issubdtype(pop.dtype, np.number) or not np.isfinite(pop).all():
+                raise DataError(
+                    f"{popularity}: expected {values.size} finite numbers (one per class of {classes.name}), got dtype {pop.dtype} and shape {pop.shape}"
+                )
+            out.popularity[name] = pop.astype(np.float64)
+    return out
+
+
+def load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: cannot read as .npy: {str(err).splitlines()[0]}") from None
 
 
 def write_submission(out_dir: str | Path, client_ids: Sequence[int | str] | np.ndarray, embeddings: np.ndarray) -> tuple[Path, Path]:
