@@ -101,6 +101,8 @@ class DataConfig:
     """How future targets are scored. user_split: one window after the cutoff; users split FIT/VAL/TEST per target (probe.split). challenge (the organisers'): two windows of window_days after the cutoff (default cutoff: 2 x window_days before the last event, at midnight); heads fit on every labelled user's first-window labels, VAL users' second-window labels select, TEST users' second-window labels are reported."""
     max_len: int = 128
     """Keep each user's last max_len events."""
+    drop_duplicates: str = "exact"
+    """exact: drop an event equal to an earlier one in user, time and every field (a file loaded twice, a logging retry); none: keep them (a transaction log where two equal purchases on one day are real). Counted either way (data/duplicate_events, data/duplicate_events_kept)."""
     event_types: list[str] | None = None
     """Keep only history events of these types (the schema's event_type field) before the last-max_len cut, e.g. [search_query] for a block that reads a user's last 90 searches; users with none drop out. Target windows still count every event."""
     top_k: int = 5000

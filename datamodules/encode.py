@@ -21,7 +21,7 @@ from datamodules.sources.base import DataError
 
 STATE_KEYS = (
     "version", "source", "schema", "vocabs", "edges", "vocab_sizes", "value_fields", "code_fields",
-    "t0", "cutoff", "max_len", "event_types", "column_types",
+    "t0", "cutoff", "max_len", "event_types", "drop_duplicates", "column_types",
 )  # fmt: skip
 """The part of a cache's meta.json a run saves as preprocess.json: all that encoding new events needs."""
 
@@ -34,17 +34,28 @@ class EventOrder:
     user: np.ndarray  # int32 [N]: each event's position in `users`
     time_us: np.ndarray  # int64 [N]
     order: np.ndarray  # [N]: event rows by user, then time; equal times keep the source's order
-    duplicate: np.ndarray  # bool [N]
+    duplicate: np.ndarray  # bool [N]: dropped as an exact repeat of an earlier event
+    repeats: int  # exact repeats found (dropped or, with drop_duplicates=none, kept)
 
 
-def event_order(raw: pl.DataFrame, fields: list[str]) -> EventOrder:
-    """Users are ranked to integers, so the one sort is numpy's over numbers, not strings."""
+DUPLICATE_MODES = ("exact", "none")
+
+
+def event_order(raw: pl.DataFrame, fields: list[str], drop_duplicates: str = "exact") -> EventOrder:
+    """Users are ranked to integers, so the one sort is numpy's over numbers, not strings.
+
+    `duplicate` marks the exact repeats to drop (drop_duplicates=exact) and is all False for
+    drop_duplicates=none; `repeats` counts the exact repeats either way.
+    """
+    if drop_duplicates not in DUPLICATE_MODES:
+        raise DataError(f"data.drop_duplicates: {drop_duplicates!r} is not one of {DUPLICATE_MODES}")
     users = raw["user_id"].unique().sort()
     user = rank_of(raw["user_id"], users)
     time_us = raw["time"].dt.epoch("us").to_numpy()
     order = np.lexsort((time_us, user))
-    duplicate = duplicate_events(raw, order, user[order], time_us[order], ["user_id", "time", *fields])
-    return EventOrder(users, user, time_us, order, duplicate)
+    repeats = duplicate_events(raw, order, user[order], time_us[order], ["user_id", "time", *fields])
+    duplicate = repeats if drop_duplicates == "exact" else np.zeros_like(repeats)
+    return EventOrder(users, user, time_us, order, duplicate, int(repeats.sum()))
 
 
 def rank_of(values: pl.Series, sorted_values: pl.Series) -> np.ndarray:
@@ -161,7 +172,7 @@ def encode_events(raw: pl.DataFrame, state: dict, until: dt.datetime | None = No
     schema = schema_of(state)
     for f in schema.of_kind("codes"):
         check_codes(raw.lazy(), f)
-    o = event_order(raw, [f.name for f in schema.fields])
+    o = event_order(raw, [f.name for f in schema.fields], state["drop_duplicates"])
     use = ~o.duplicate
     if until is not None:
         use &= (raw["time"] < until).to_numpy()  # as the cache's cutoff: the same comparison, the same events
@@ -174,6 +185,7 @@ def encode_events(raw: pl.DataFrame, state: dict, until: dt.datetime | None = No
     counts = {
         "events": raw.height,
         "duplicate_events": int(o.duplicate.sum()),
+        "duplicate_events_kept": o.repeats - int(o.duplicate.sum()),
         "events_at_or_after_until": int((~o.duplicate).sum() - use.sum()),
         "truncated_events": int(use.sum()) - keep.len(),
         "users": frame.height,

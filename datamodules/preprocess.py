@@ -1,6 +1,6 @@
 """Source events -> cached per-user sequences (Polars, lazy).
 
-Steps: drop exact duplicate events; cut history at the cutoff (later events only make
+Steps: drop exact duplicate events (data.drop_duplicates); cut history at the cutoff (later events only make
 future-window targets); split users into train/val by a seeded hash; fit vocabularies
 (top-K, reserved ids) and numeric quantile buckets on training users' history only;
 encode; day and week indexes; stable sort by (user, time); keep the last max_len events;
@@ -40,7 +40,7 @@ from datamodules.targets import (
 
 log = logging.getLogger(__name__)
 
-VERSION = 7  # bump when the cached layout or its meaning changes (3: meta.json holds relevant_users; 4: the state runs save, datamodules/encode.py; 5: event_types; 6: features.parquet; 7: churn population, relevant-only labels, propensity_top values and the organisers' target files)
+VERSION = 8  # bump when the cached layout or its meaning changes (3: meta.json holds relevant_users; 4: the state runs save, datamodules/encode.py; 5: event_types; 6: features.parquet; 7: churn population, relevant-only labels, propensity_top values and the organisers' target files; 8: drop_duplicates)
 CACHE_IRRELEVANT = ("batch_size", "bucket_by_length", "num_workers", "cache_dir")
 CACHE_FILES = ("users.parquet", "targets.parquet", "features.parquet")
 
@@ -190,11 +190,12 @@ def build(source: SourceData, cfg: DataConfig, seed: int, key: str, path: Path) 
 
     counts = dict(source.counts)
     raw = source.events.collect()
-    o = event_order(raw, [f.name for f in schema.fields])
+    o = event_order(raw, [f.name for f in schema.fields], cfg.drop_duplicates)
     all_users, user, order, duplicate = o.users, o.user, o.order, o.duplicate
     raw = raw.with_columns(_user=pl.Series(user), _kept=pl.Series(~duplicate))
     counts["raw_events"] = raw.height
     counts["duplicate_events"] = int(duplicate.sum())
+    counts["duplicate_events_kept"] = o.repeats - int(duplicate.sum())
 
     events = raw.lazy().filter(pl.col("_kept"))
     cutoff = resolve_cutoff(events, cfg)
@@ -306,6 +307,7 @@ def build(source: SourceData, cfg: DataConfig, seed: int, key: str, path: Path) 
         "t0": t0.isoformat(),
         "max_len": cfg.max_len,
         "event_types": cfg.event_types,
+        "drop_duplicates": cfg.drop_duplicates,
         "column_types": source.column_types,
         "n_users": frame.height,
         "n_val_users": int(val.sum()),

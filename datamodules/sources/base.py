@@ -96,8 +96,9 @@ def require_columns(path: Path, present: list[str], needed: dict[str, str]) -> N
 def parse_time(frame: pl.LazyFrame, column: str, time_format: str | None, path: Path) -> pl.LazyFrame:
     """Add a Datetime column `time` from `column`.
 
-    time_format: 'epoch_s' / 'epoch_ms' for integer epochs, a strftime pattern for strings,
-    or None for a column that already is a Date/Datetime (or an ISO string).
+    time_format: 'epoch_s' / 'epoch_ms' for integer epochs, a strftime pattern for strings
+    or for integers that spell a date (19970101 with %Y%m%d), or None for a column that
+    already is a Date/Datetime (or an ISO string).
     """
     dtype = frame.collect_schema()[column]
     src = pl.col(column)
@@ -110,15 +111,16 @@ def parse_time(frame: pl.LazyFrame, column: str, time_format: str | None, path: 
         parsed = pl.when(bad).then(None).otherwise(pl.from_epoch(seconds.cast(pl.Int64, strict=False), time_unit=unit))
     elif dtype in (pl.Date,) or isinstance(dtype, pl.Datetime):
         parsed = src.cast(pl.Datetime("us"))
-    elif dtype == pl.String:
+    elif dtype == pl.String or (dtype.is_integer() and time_format):  # 19970101 read as an integer, with %Y%m%d
+        text = src.cast(pl.String)
         if time_format:
-            parsed = src.str.strptime(pl.Datetime("us"), time_format, strict=False)
+            parsed = text.str.strptime(pl.Datetime("us"), time_format, strict=False)
         else:
-            parsed = src.str.to_datetime(strict=False, time_unit="us")
+            parsed = text.str.to_datetime(strict=False, time_unit="us")
     else:
         raise DataError(
             f"{path}: column {column!r} has dtype {dtype}; set schema.time_format to epoch_s or epoch_ms "
-            "for numeric times, or a strftime pattern for strings"
+            "for epoch numbers, or a strftime pattern (e.g. %Y%m%d) for dates written as text or digits"
         )
     frame = frame.with_columns(parsed.cast(pl.Datetime("us")).alias("time")).collect().lazy()  # parsed once, not per query
     row = first_row(frame, pl.col("time").is_null() & src.is_not_null())
