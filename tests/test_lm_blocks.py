@@ -140,3 +140,16 @@ def test_positions_and_config_checks(tiny_reader):
 def test_unknown_fields_are_named(all_events):
     with pytest.raises(ValueError, match=r"fields \['qurey'\]: \['qurey'\] not event fields"):
         Renderer(all_events.data, fields=["qurey"])
+
+
+def test_the_run_records_what_the_lm_read(recsys_dir, tmp_path, tiny_minilm_dir):
+    """metrics.json says how many searches per client the block read and in how many windows: every one of them."""
+    from experiments.run import run
+
+    args = ["experiment=lm_search_recsys2025", f"data.path={recsys_dir}", f"data.cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'out'}",
+            f"model.model_path={tiny_minilm_dir}", "model.max_tokens=128", "logger.wandb=false", "run_name=t"]  # fmt: skip
+    cfg = compose(args)
+    result = run(cfg)
+    lengths = EventDataModule(to_dataclass(cfg.data, DataConfig), seed=cfg.seed).data.store.lengths
+    assert result.metrics["lm/events_per_user"] == pytest.approx(np.minimum(lengths, 90).mean())
+    assert result.metrics["lm/windows_per_user"] > 1
