@@ -221,9 +221,10 @@ class LMFeatureExtractor(L.LightningModule):
     def embed_stats(self) -> dict[str, float]:
         """Per user so far: events read, windows and tokens; logged, because they show whether the budget held the events."""
         users = max(self.reading["users"], 1)
-        stats = {f"lm/{k}_per_user": self.reading[k] / users for k in ("events", "windows", "tokens")}  # events: 0 unless windowed
-        log.info("lm_features read %.1f events per user in %.2f windows (%.0f tokens) on average, %d users",
-                 stats["lm/events_per_user"], stats["lm/windows_per_user"], stats["lm/tokens_per_user"], self.reading["users"])  # fmt: skip
+        kinds = ("events", "windows", "tokens") if self.reading["events"] else ("windows", "tokens")  # one-window batches do not count events
+        stats = {f"lm/{k}_per_user": self.reading[k] / users for k in kinds}
+        read = ", ".join(f"{self.reading[k] / users:.2f} {k}" for k in kinds)
+        log.info("lm_features read per user on average over %d users: %s", self.reading["users"], read)
         return stats
 
     def predict_step(self, batch: dict, batch_idx: int = 0, dataloader_idx: int = 0) -> torch.Tensor:
