@@ -89,7 +89,7 @@ class TextDataModule(L.LightningDataModule):
 
     Training batches may be packed (pack_length) and may cycle through several formats (the
     LLM4ES format augmentation); validation and predict batches are one user per row in
-    plain text, so `embed` sees every user exactly once. `tokenizer` is loaded by the caller
+    one format (`embed_format`), so `embed` sees every user exactly once. `tokenizer` is loaded by the caller
     (`lit_modules.lm.load_tokenizer`; its padding side pads the batches): the data side
     never loads models.
 
@@ -99,6 +99,8 @@ class TextDataModule(L.LightningDataModule):
     rewrite is one more training item; one over the token budget keeps its most recent
     whole lines (`fit_lines`), one whose last line alone does not fit, or that is blank, is
     dropped. `rewrite_counts` holds how many were kept, cut and dropped (also logged).
+    `embed_format` is the format of validation and predict texts; `windows`, `fields` and
+    `drop_unknown` go to `UserTextDataset` (a frozen reader's every event in several windows).
     """
 
     def __init__(
@@ -112,12 +114,16 @@ class TextDataModule(L.LightningDataModule):
         pack_length: int | None = None,
         block_mask: bool = False,
         rewrite: Callable[[Sequence[str]], list[list[str]]] | None = None,
+        embed_format: str = "plain",
+        windows: bool = False,
+        fields: Sequence[str] | None = None,
+        drop_unknown: bool = False,
     ):
         super().__init__()
         self.events = events
         self.tokenizer = tokenizer
-        self.settings = dict(max_tokens=max_tokens, max_events=max_events, header=header)
-        self.formats = tuple(formats)
+        self.settings = dict(max_tokens=max_tokens, max_events=max_events, header=header, windows=windows, fields=fields, drop_unknown=drop_unknown)
+        self.formats, self.embed_format = tuple(formats), embed_format
         self.pack_length, self.block_mask, self.padding_side = pack_length, block_mask, tokenizer.padding_side
         self.rewrites: list[tuple[int, str]] = []
         self.rewrite_counts: dict[str, int] = {}
@@ -152,7 +158,7 @@ class TextDataModule(L.LightningDataModule):
     def loader(self, rows: np.ndarray, train: bool) -> torch.utils.data.DataLoader:
         from datamodules.text_batches import TextBatchBuilder, UserTextDataset
 
-        formats = self.formats if train else ("plain",)
+        formats = self.formats if train else (self.embed_format,)
         extra = self.rewrites if train else ()
         dataset = UserTextDataset(self.data, rows, self.tokenizer, formats=formats, extra=extra, **self.settings)
         pack = self.pack_length if train else None

@@ -2,8 +2,11 @@
 
 A user's events become a header naming the fields plus one readable entry per event:
 time as "YYYY-mm-dd HH:MM" (UTC), categorical ids mapped back to their values (MISSING ->
-"unknown", RARE -> "other"), raw numeric values, text fields, codes as their integers. The
-day/week index fields are derived from the time, so they are not rendered. Five formats
+"unknown", RARE -> "other"), raw numeric values, text fields, codes as their integers (an event
+without codes: "unknown"). The day/week index fields are derived from the time, so they are not
+rendered; `fields` picks which event fields are (the LM blocks read a few columns), and the
+plain line format can leave out a line's unknown values (`drop_unknown`: a page visit has no
+price), which keeps lines short enough that a token budget holds many events. Five formats
 (plain, json, markdown, yaml, html); rendering one user in several of them is LLM4ES's format
 augmentation, offline and deterministic (an instruct LM's rewrites are `lit_modules.rewrite`).
 Token budgets, datasets and LM batches are in `datamodules.text_batches`.
@@ -119,14 +122,18 @@ def _json_value(value: str, numeric: bool) -> str:
     return value if numeric and value != UNKNOWN else json.dumps(value, ensure_ascii=False)
 
 
-def format_events(table: EventTable, fmt: str = "plain", header: bool = True) -> Rendered:
+def format_events(table: EventTable, fmt: str = "plain", header: bool = True, drop_unknown: bool = False) -> Rendered:
     """Lay an event table out in one of FORMATS. `header` only matters for plain (the
     other formats name the fields in their structure); plain without header is the
-    "Encode Me" line format."""
+    "Encode Me" line format. `drop_unknown` (plain only: its values carry their names)
+    leaves each line's unknown values out."""
     cols, rows = table.columns, table.rows
+    if drop_unknown and fmt != "plain":
+        raise ValueError(f"drop_unknown needs the plain format (its values carry their field names), not {fmt!r}")
     if fmt == "plain":
         head = [f"fields: {', '.join(cols)}"] if header else []
-        return Rendered(head, ["; ".join(f"{c}: {v}" for c, v in zip(cols, r)) for r in rows], [])
+        lines = ["; ".join(f"{c}: {v}" for c, v in zip(cols, r) if not (drop_unknown and v == UNKNOWN)) for r in rows]
+        return Rendered(head, lines, [])
     if fmt == "json":
         objs = ["{" + ", ".join(f"{json.dumps(c, ensure_ascii=False)}: {_json_value(v, n)}" for c, v, n in zip(cols, r, table.numeric)) + "}" for r in rows]
         return Rendered(["["], [o + ("," if i < len(objs) - 1 else "") for i, o in enumerate(objs)], ["]"])
@@ -154,14 +161,21 @@ def format_events(table: EventTable, fmt: str = "plain", header: bool = True) ->
 class Renderer:
     """Reads users' events out of a `Prepared` cache as readable strings.
 
-    Built once per dataset: the id -> value tables are made here, not per user.
+    Built once per dataset: the id -> value tables are made here, not per user. `fields`
+    names the event fields to render, in the data's order (None: all); the time always is.
     """
 
-    def __init__(self, prepared: Prepared):
+    def __init__(self, prepared: Prepared, fields: Sequence[str] | None = None):
         self.prepared = prepared
         schema, store = prepared.schema, prepared.store
         ordered = sorted(schema.fields, key=lambda f: f.name != schema.event_type)  # event type first, as in the paper
-        self.fields = [f for f in ordered if f.kind != "codes" or f.name in store.codes]
+        present = [f for f in ordered if f.kind != "codes" or f.name in store.codes]
+        if fields is not None:
+            unknown = sorted(set(fields) - {f.name for f in present})
+            if unknown or not fields:
+                raise ValueError(f"fields {list(fields)}: {unknown or 'none'} not event fields of this data; choose from {[f.name for f in present]}")
+            present = [f for f in present if f.name in fields]
+        self.fields = present
         readable = [f.name.replace("_", " ") for f in self.fields]
         self.time_column = "timestamp" if "timestamp" not in readable else "event time"
         slots = self._with_time(self.fields)
@@ -174,10 +188,12 @@ class Renderer:
             for f in self.fields
             if f.kind == "categorical"
         }
+        self.reserved_codes = np.array(reserved, dtype=object)  # a code outside the fitted range (RARE) reads "other"
 
     def _with_time(self, items: list) -> list:
         """`items` (one per field) with a None placeholder where the time column sits."""
-        at = 1 if self.prepared.schema.event_type is not None else 0
+        event_type = self.prepared.schema.event_type
+        at = 1 if event_type is not None and self.fields and self.fields[0].name == event_type else 0
         return [*items[:at], None, *items[at:]]
 
     def table(self, row: int, max_events: int | None = None) -> EventTable:
@@ -198,14 +214,19 @@ class Renderer:
                 first = start - int(store.offsets[row])
                 per_field.append([UNKNOWN if t is None else one_line(t) for t in texts[first : first + end - start]])
             else:  # codes
-                codes = store.codes[f.name][start:end]
-                per_field.append([UNKNOWN if c[0] == MISSING else " ".join(str(int(x) - FIRST_ID) for x in c) for c in codes])
+                per_field.append([self.codes_text(c) for c in store.codes[f.name][start:end]])
         per_field = self._with_time(per_field)
         per_field[per_field.index(None)] = [s.replace("T", " ") for s in stamps]
         return EventTable(self.columns, self.numeric, [list(r) for r in zip(*per_field)])
 
-    def render(self, row: int, fmt: str = "plain", max_events: int | None = None, header: bool = True) -> Rendered:
-        return format_events(self.table(row, max_events), fmt, header)
+    def codes_text(self, codes: np.ndarray) -> str:
+        """One event's codes as space-separated integers (one short token each); no codes: unknown."""
+        if (codes == MISSING).all():
+            return UNKNOWN
+        return " ".join(str(int(x) - FIRST_ID) if x >= FIRST_ID else self.reserved_codes[x] for x in codes)
+
+    def render(self, row: int, fmt: str = "plain", max_events: int | None = None, header: bool = True, drop_unknown: bool = False) -> Rendered:
+        return format_events(self.table(row, max_events), fmt, header, drop_unknown)
 
 
 def render_user(prepared: Prepared, row: int, fmt: str = "plain", max_events: int | None = None, header: bool = True) -> str:

@@ -30,14 +30,14 @@ def count_tokens(tokenizer: Any, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=True)["input_ids"])
 
 
-def fit_budget(render: Callable[[int], str], n_events: int, tokenizer: Any, max_tokens: int, extra_tokens: int = 0) -> str:
-    """render(n) for the largest n <= n_events whose text fits max_tokens (minus `extra_tokens`, e.g. an EOS).
+def fit_count(render: Callable[[int], str], n_events: int, tokenizer: Any, max_tokens: int, extra_tokens: int = 0) -> int:
+    """The largest n <= n_events whose render(n) fits max_tokens (minus `extra_tokens`, e.g. an EOS).
 
     render(n) must render the n most recent events (like `Rendered.text`), so the cut
     always drops whole events, oldest first, never half a line. Binary search over n:
-    O(log n) tokenizations instead of one per event; the text returned was measured,
-    so it fits even if token counts were not monotone in n. Raises when not even the
-    head with zero events fits, or when the head fits but not one event after it.
+    O(log n) tokenizations instead of one per event; the n returned was measured, so its
+    text fits even if token counts were not monotone in n. Raises when not even the head
+    with zero events fits, or when the head fits but not one event after it.
     """
     budget = max_tokens - extra_tokens
 
@@ -45,7 +45,7 @@ def fit_budget(render: Callable[[int], str], n_events: int, tokenizer: Any, max_
         return count_tokens(tokenizer, render(n)) <= budget
 
     if fits(n_events):
-        return render(n_events)
+        return n_events
     if not fits(0):
         raise ValueError(f"max_tokens={max_tokens}: even the header alone does not fit")
     if not fits(1):  # the header alone would give every user the same text, hence the same embedding
@@ -55,7 +55,52 @@ def fit_budget(render: Callable[[int], str], n_events: int, tokenizer: Any, max_
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return render(lo)
+    return lo
+
+
+def fit_budget(render: Callable[[int], str], n_events: int, tokenizer: Any, max_tokens: int, extra_tokens: int = 0) -> str:
+    """render(n) for the most recent events that fit max_tokens (`fit_count`): one window, older events dropped."""
+    return render(fit_count(render, n_events, tokenizer, max_tokens, extra_tokens))
+
+
+def fit_windows(rendered: Rendered, tokenizer: Any, max_tokens: int, extra_tokens: int = 0) -> list[tuple[str, int]]:
+    """(text, events) of consecutive windows that together hold every event of `rendered`, oldest first.
+
+    For a reader with fewer positions than the user's text has tokens: each window is the
+    head, a run of whole events (lines) and the tail, within max_tokens (minus `extra_tokens`).
+    Windows fill from the most recent event back, so a user whose events fit gets the one
+    text `fit_budget` keeps. Each event's tokens are counted once (one batched call) to
+    guess a window's events; the guess is measured on the window's own text and shrunk an
+    event at a time until it fits: usually one tokenization per window (token counts of
+    lines nearly add up) instead of a binary search over ever longer texts. Where they do
+    not quite add up a window may hold one event fewer than it could; every event is still read.
+    """
+    budget = max_tokens - extra_tokens
+    events = rendered.events
+    per_event = [len(ids) for ids in tokenizer(events, add_special_tokens=False)["input_ids"]] if events else []
+    fixed = count_tokens(tokenizer, "\n".join([*rendered.head, *rendered.tail]))
+
+    def fits(start: int, end: int) -> bool:
+        return count_tokens(tokenizer, window(start, end)) <= budget
+
+    def window(start: int, end: int) -> str:
+        return Rendered(rendered.head, events[start:end], rendered.tail, rendered.empty).text()
+
+    windows: list[tuple[str, int]] = []
+    end = len(events)
+    while end > 0 or not windows:
+        start, used = end, fixed
+        while start > 0 and used + per_event[start - 1] <= budget:
+            start -= 1
+            used += per_event[start]
+        start = min(start, end - 1) if end > 0 else 0
+        while end - start > 1 and not fits(start, end):
+            start += 1
+        if end > 0 and end - start == 1 and not fits(start, end):
+            raise ValueError(f"max_tokens={max_tokens}: the header and one event take {count_tokens(tokenizer, window(start, end))} tokens; raise max_tokens")
+        windows.append((window(start, end), end - start))
+        end = start
+    return windows[::-1]
 
 
 def fit_lines(text: str, tokenizer: Any, max_tokens: int, extra_tokens: int = 0) -> str | None:
@@ -86,7 +131,11 @@ class UserTextDataset(torch.utils.data.Dataset):
 
     Several `formats` put each user in the epoch once per format (the format augmentation);
     `extra` (store row, text) pairs are more items, texts used as given (already within the
-    budget, e.g. `fit_lines` of LLM rewrites), after the rendered ones.
+    budget, e.g. `fit_lines` of LLM rewrites), after the rendered ones. With `windows` an item
+    is {"index", "windows": list of token id lists, "events": events read} instead: every one
+    of the last `max_events` events, in as many windows of `max_tokens` as it takes
+    (`fit_windows`), for a reader that pools over all of them. `fields` and `drop_unknown`
+    shape the text as in `datamodules.text.Renderer`.
     """
 
     def __init__(
@@ -100,9 +149,14 @@ class UserTextDataset(torch.utils.data.Dataset):
         header: bool = True,
         append_eos: bool = True,
         extra: Sequence[tuple[int, str]] = (),
+        windows: bool = False,
+        fields: Sequence[str] | None = None,
+        drop_unknown: bool = False,
     ):
         check_formats(formats, "formats")
-        self.renderer = Renderer(prepared)
+        if windows and "json" in formats:
+            raise ValueError("windows: a JSON list cut into windows is not valid JSON; use plain, markdown, yaml or html")
+        self.renderer = Renderer(prepared, fields)
         self.items = [(int(r), f) for r in rows for f in formats]
         self.extra = [(int(r), t) for r, t in extra]
         self.tokenizer = tokenizer
@@ -110,6 +164,8 @@ class UserTextDataset(torch.utils.data.Dataset):
         self.max_events = max_events
         self.header = header
         self.append_eos = append_eos and tokenizer.eos_token_id is not None
+        self.windows = windows
+        self.drop_unknown = drop_unknown
 
     def __len__(self) -> int:
         return len(self.items) + len(self.extra)
@@ -117,14 +173,25 @@ class UserTextDataset(torch.utils.data.Dataset):
     def row(self, i: int) -> int:
         return self.items[i][0] if i < len(self.items) else self.extra[i - len(self.items)][0]
 
+    def rendered(self, i: int) -> Rendered:
+        row, fmt = self.items[i]
+        return self.renderer.render(row, fmt, self.max_events, self.header, self.drop_unknown)
+
     def text(self, i: int) -> str:
         if i >= len(self.items):
             return self.extra[i - len(self.items)][1]
-        row, fmt = self.items[i]
-        rendered = self.renderer.render(row, fmt, self.max_events, self.header)
+        rendered = self.rendered(i)
         return fit_budget(rendered.text, len(rendered), self.tokenizer, self.max_tokens, extra_tokens=int(self.append_eos))
 
+    def window_texts(self, i: int) -> list[tuple[str, int]]:
+        """(text, events) of item i's windows, oldest first (`fit_windows`)."""
+        return fit_windows(self.rendered(i), self.tokenizer, self.max_tokens, extra_tokens=int(self.append_eos))
+
     def __getitem__(self, i: int) -> dict:
+        if self.windows and i < len(self.items):
+            parts = self.window_texts(i)
+            ids = [encode(self.tokenizer, t, self.append_eos) for t, _ in parts]
+            return {"index": self.row(i), "windows": ids, "events": sum(n for _, n in parts)}
         return {"index": self.row(i), "input_ids": encode(self.tokenizer, self.text(i), self.append_eos)}
 
 
@@ -175,6 +242,9 @@ class TextBatchBuilder:
         KV cache is in use (pass use_cache=False).
     Labels are the input ids with -100 at pads and at each document's first token (it would be
     predicted from a pad or from the previous document), so no loss crosses documents.
+    Windowed items (`UserTextDataset(windows=True)`) are padded one window per row, in item
+    order, plus window_user LongTensor[R] (the user of each row: a position in `index`) and
+    events LongTensor[B] (events each user's windows hold).
     """
 
     def __init__(self, pad_token_id: int, padding_side: str = "right", pack_length: int | None = None, block_mask: bool = False):
@@ -187,7 +257,19 @@ class TextBatchBuilder:
         self.block_mask = block_mask
 
     def __call__(self, items: Sequence[dict]) -> dict:
+        if "windows" in items[0]:
+            if self.pack_length:
+                raise ValueError("windowed texts are read, not trained on: build their batches without pack_length")
+            return self.pad_windows(items)
         return self.pack(items) if self.pack_length else self.pad(items)
+
+    def pad_windows(self, items: Sequence[dict]) -> dict:
+        rows = [{"index": u, "input_ids": w} for u, it in enumerate(items) for w in it["windows"]]
+        batch = self.pad(rows)
+        batch["window_user"] = batch["index"]
+        batch["index"] = torch.tensor([it["index"] for it in items], dtype=torch.long)
+        batch["events"] = torch.tensor([it["events"] for it in items], dtype=torch.long)
+        return batch
 
     def pad(self, items: Sequence[dict]) -> dict:
         docs = [list(it["input_ids"]) for it in items]

@@ -206,6 +206,7 @@ def run(cfg: DictConfig, command: str | None = None, extra_callbacks: list | Non
 
         metrics["time/fit_seconds"] = getattr(module, "fit_seconds", 0.0)
         embeddings = embed_all(module, datamodule.predict_dataloader())
+        metrics.update(module.embed_stats() if hasattr(module, "embed_stats") else {})  # e.g. how many events an LM read per user
     if not writer:  # another rank of a distributed run: rank 0 evaluates once and writes
         return None
 

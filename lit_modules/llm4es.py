@@ -9,6 +9,7 @@ all-MiniLM-L6-v2 folder shipped in a python package, loaded as a causal decoder.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import lightning.pytorch as L
@@ -19,6 +20,8 @@ from datamodules.text_batches import IGNORE, block_causal_mask
 from lit_modules.contract import adamw_with_schedule, log_losses
 from lit_modules.llm4es_config import check_llm4es
 from lit_modules.lm import load_causal_lm, resolve_model_path, with_lora
+
+log = logging.getLogger(__name__)
 
 
 def padded_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -163,10 +166,12 @@ class LMFeatureExtractor(L.LightningModule):
     """"Encode Me If You Can" LM block: a frozen pretrained LM (the paper: SmolLM2-135M reading the
     last 64 events, one per line), user vector = last hidden state averaged over real tokens.
 
+    Any backbone `AutoModel` loads works: an encoder (MiniLM) or a decoder (SmolLM2 is a Llama).
+    A user's text over the model's positions comes as several windows (`UserTextDataset(windows=True)`):
+    the mean then runs over the real tokens of all of them, so every window counts by its tokens.
     Nothing trains: every parameter has requires_grad False and the backbone stays in eval
-    mode. The run loop should skip `fit` (and checkpointing: it would only copy the
-    pretrained weights) for a module without trainable parameters and go straight to
-    predict. Takes padded batches from `TextBatchBuilder` (no labels needed).
+    mode, so the run loop skips `fit` and goes straight to embedding. `reading` counts users,
+    events, windows and tokens read so far; `embed_stats` reports them per user.
     """
 
     def __init__(self, model_path: str, attn_implementation: str | None = None):
@@ -178,6 +183,8 @@ class LMFeatureExtractor(L.LightningModule):
         self.model = AutoModel.from_pretrained(resolve_model_path(model_path), local_files_only=True, **kwargs)
         self.model.requires_grad_(False)
         self.model.eval()
+        self.positions = getattr(self.model.config, "max_position_embeddings", None)
+        self.reading = {"users": 0, "events": 0, "windows": 0, "tokens": 0}
 
     def train(self, mode: bool = True) -> "LMFeatureExtractor":
         """Keep the backbone in eval mode (no dropout) whatever the trainer asks."""
@@ -187,10 +194,38 @@ class LMFeatureExtractor(L.LightningModule):
 
     @torch.no_grad()
     def embed(self, batch: dict) -> torch.Tensor:
-        """User vectors [B, hidden] float32 in batch order."""
-        mask = batch["attention_mask"]
-        out = self.model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=padded_position_ids(mask), use_cache=False)
-        return masked_mean(out.last_hidden_state.float(), mask.bool())
+        """User vectors [B, hidden] float32 in batch order; rows of one user (window_user) pooled together."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if self.positions is not None and ids.shape[1] > self.positions:
+            raise ValueError(f"model.max_tokens: a text of {ids.shape[1]} tokens is longer than the model's {self.positions} positions")
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=padded_position_ids(mask), use_cache=False)
+        real = mask.bool()
+        sums = torch.where(real[..., None], out.last_hidden_state.float(), 0).sum(1)
+        counts = real.sum(1).float()
+        users = batch.get("window_user")
+        if users is not None:
+            B = len(batch["index"])
+            sums = torch.zeros(B, sums.shape[1], device=sums.device).index_add_(0, users, sums)
+            counts = torch.zeros(B, device=counts.device).index_add_(0, users, counts)
+        self.count(batch, len(ids), int(real.sum()))
+        return sums / counts[:, None].clamp(min=1)
+
+    def count(self, batch: dict, windows: int, tokens: int) -> None:
+        """Add one batch to `reading` (events only where the batch says how many its texts hold)."""
+        self.reading["users"] += len(batch["index"])
+        self.reading["windows"] += windows
+        self.reading["tokens"] += tokens
+        if "events" in batch:
+            self.reading["events"] += int(batch["events"].sum())
+
+    def embed_stats(self) -> dict[str, float]:
+        """Per user so far: events read, windows and tokens; logged, because they show whether the budget held the events."""
+        users = max(self.reading["users"], 1)
+        kinds = ("events", "windows", "tokens") if self.reading["events"] else ("windows", "tokens")  # one-window batches do not count events
+        stats = {f"lm/{k}_per_user": self.reading[k] / users for k in kinds}
+        read = ", ".join(f"{self.reading[k] / users:.2f} {k}" for k in kinds)
+        log.info("lm_features read per user on average over %d users: %s", self.reading["users"], read)
+        return stats
 
     def predict_step(self, batch: dict, batch_idx: int = 0, dataloader_idx: int = 0) -> torch.Tensor:
         return self.embed(batch)

@@ -96,12 +96,21 @@ class LLM4ESConfig:
         check_formats(self.rewrite_formats, "model.rewrite_formats")
 
 
+def check_lm_features(embed_format: str, windows: bool, drop_unknown: bool) -> None:
+    """A text layout the windowed reader can cut: windows need a format whose events are whole lines."""
+    check_formats([embed_format], "model.embed_format")
+    if windows and embed_format == "json":
+        raise ValueError("model.embed_format json: a JSON list cut into windows is not valid JSON; use plain, markdown, yaml or html")
+    if drop_unknown and embed_format != "plain":
+        raise ValueError(f"model.drop_unknown needs model.embed_format plain (its values carry their field names), not {embed_format!r}")
+
+
 @dataclass
 class LMFeaturesConfig:
     """The "Encode Me" LM feature extractor: a frozen LM reads the last events as text; mean-pooled hidden states."""
 
     inputs: ClassVar[str] = "text"
-    data_keys: ClassVar[tuple[str, ...]] = ("max_tokens", "max_events", "header", "padding_side")
+    data_keys: ClassVar[tuple[str, ...]] = ("max_tokens", "max_events", "header", "padding_side", "embed_format", "windows", "fields", "drop_unknown")
 
     name: str = "lm_features"
     """Method name (registry key)."""
@@ -110,13 +119,22 @@ class LMFeaturesConfig:
     attn_implementation: str | None = None
     """eager | sdpa | flash_attention_2 (null: transformers' default)."""
     max_tokens: int = 512
-    """Token budget per user text."""
+    """Tokens per window the model reads at once (at most its positions: 512 for MiniLM, 2048 or more for SmolLM2-135M)."""
     max_events: int | None = 64
-    """The paper renders the last 64 events."""
+    """The paper renders the last 64 events (null: every stored event, up to data.max_len)."""
+    windows: bool = True
+    """Read every one of the last max_events events: a text over max_tokens is cut at event lines into consecutive windows, token states pooled over all (false: only the most recent events that fit one window)."""
     header: bool = False
     """The paper's lines carry their field names, no header."""
+    embed_format: str = "plain"
+    """Text layout: plain (one "name: value; ..." line per event), markdown (a table with a header row), yaml or html."""
+    fields: list[str] | None = None
+    """Event fields rendered, besides the timestamp (null: all), e.g. [query] for the search-query block."""
+    drop_unknown: bool = False
+    """Leave a line's unknown values out (plain only): a page visit has no price, a purchase no query."""
     padding_side: str = "right"
     """right | left."""
 
     def __post_init__(self) -> None:
         check_padding_side(self.padding_side)
+        check_lm_features(self.embed_format, self.windows, self.drop_unknown)
