@@ -68,17 +68,20 @@ def test_block_from_other_dataset_is_refused(tmp_path):
 
 
 def test_presets_follow_the_paper_and_name_existing_experiments_on_the_same_data():
-    """PCA 64 for the GRU-AE variants but day_event_type; none for next-event, iALS and LightFM blocks (already 64-d)."""
+    """PCA 64 for the GRU-AE variants but day_event_type and the search LM, 128 for the all-interactions LM; none for
+    next-event, iALS and LightFM blocks (already 64-d)."""
     for name in ("ensemble_recsys2025", "ensemble_ml100k"):
         data = experiment_section(name, "data")
         blocks = experiment_section(name, "model")["blocks"]
-        assert len(blocks) == {"ensemble_recsys2025": 9, "ensemble_ml100k": 7}[name]
+        assert len(blocks) == {"ensemble_recsys2025": 11, "ensemble_ml100k": 8}[name]
         for block in blocks:
             exp = block["experiment"]
             assert exp in presets("experiment"), exp
             assert experiment_section(exp, "data")["source"] == data["source"], exp
             model = experiment_section(exp, "model")["name"]
             paper_pca = 64 if model == "gru_autoencoder" and "day_event_type" not in exp else None
+            if model == "lm_features":
+                paper_pca = 64 if "search" in exp else 128
             assert block.get("pca") == paper_pca, exp
 
 
