@@ -94,7 +94,14 @@ REPORTS = {
             ),
             Section(
                 title="RecSys Challenge 2025 layout (generated: `python -m datamodules.synthetic recsys2025 --clients 4000 --out data/recsys2025_synth`, or the official files)",
-                data_note="Generated clients carry planted archetypes. History ends 14 days before the last event, targets from those 14 days; " + SPLIT_NOTE,
+                data_note=(
+                    "Generated clients carry planted archetypes. The challenge's protocol (`data.protocol: challenge`, "
+                    "docs/data.md): history ends 27 days before the last event (at midnight); every head (linear probe "
+                    "for churn, the fixed MLP for propensity) fits on every labelled client's first 14-day window; VAL "
+                    "clients' second window chooses the MLP's epoch; the table reports TEST clients' second window. "
+                    "Churn is scored only on clients with a purchase in their history; propensity classes come from "
+                    "the first window."
+                ),
                 rows=[
                     ("GRU-AE all", "gru_ae_recsys2025"),
                     ("GRU-AE week_all", "gru_ae_week_all_recsys2025"),
