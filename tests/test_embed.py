@@ -134,7 +134,7 @@ def bad_runs(trained: Path, tmp_path: Path) -> dict[str, Path]:
     [
         ("missing_field", "column 'merchant' (schema.fields.merchant) not found"),
         ("user_type", "the user column holds integer values; the run"),
-        ("time_type", "column 'ts' has dtype Int64"),
+        ("time_type", "column 'ts', row 1: cannot parse time '1711843200' with format"),  # epoch seconds against the run's pattern
         ("no_weights", "model.safetensors: no weights (did the run finish?"),
         ("old", "written by preprocessing version 1"),
         ("unknown_key", "unknown config key 'chunk_user'; did you mean 'chunk_users'?"),
