@@ -262,10 +262,14 @@ class InstructUEJoint(L.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int = 0, dataloader_idx: int = 0) -> torch.Tensor:
         return self.embed(batch)
 
-    def configure_optimizers(self) -> Any:
-        """AdamW with warmup and cosine decay; the embedding matrix (the <USER> row) without weight decay."""
-        hp = self.hparams
+    def param_groups(self) -> list[dict]:
+        """Trainable parameters; the embedding matrix apart without weight decay (under LoRA only its <USER> row gets
+        gradients, and decay would still shrink every frozen row)."""
         emb = self.llm.get_input_embeddings().weight
         rest = [p for p in self.parameters() if p.requires_grad and p is not emb]
-        groups = [{"params": rest}] + ([{"params": [emb], "weight_decay": 0.0}] if emb.requires_grad else [])
-        return adamw_with_schedule(self, groups, hp.lr, hp.weight_decay, tuple(hp.betas), hp.warmup_steps, schedule="cosine")
+        return [{"params": rest}] + ([{"params": [emb], "weight_decay": 0.0}] if emb.requires_grad else [])
+
+    def configure_optimizers(self) -> Any:
+        """AdamW with warmup and cosine decay over `param_groups`."""
+        hp = self.hparams
+        return adamw_with_schedule(self, self.param_groups(), hp.lr, hp.weight_decay, tuple(hp.betas), hp.warmup_steps, schedule="cosine")
