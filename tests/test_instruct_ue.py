@@ -175,3 +175,28 @@ def test_chunk_means_by_hand():
     out = chunk_means(states, real, 2)[..., 0]
     assert out[0].tolist() == [0.5, 2.5]  # tokens 0,1 | 2,3; pads left out
     assert out[1].tolist() == [6.0, 6.0]  # one token: the chunk it falls in, and the empty chunk takes the whole mean
+
+
+def test_a_run_writes_and_probes_each_targets_instructed_embeddings(recsys_dir, tiny_minilm_dir, tmp_path):
+    import json
+
+    import polars as pl
+
+    from experiments.config import compose
+    from experiments.run import run
+    from tests.helpers import data_args_for
+
+    args = ["experiment=instructue_recsys2025", "trainer.fast_dev_run=true", "logger.wandb=false", "probe.baselines=[]",
+            f"output_dir={tmp_path / 'out'}", "run_name=r", f"model.model_path={tiny_minilm_dir}", f"model.encoder_path={tiny_minilm_dir}",
+            *data_args_for("recsys2025", None, None, recsys_dir, tmp_path)]
+    result = run(compose(args))
+    universal = pl.read_parquet(result.run_dir / "embeddings.parquet")
+    churn = pl.read_parquet(result.run_dir / "embeddings_churn.parquet")
+    assert churn["user_id"].to_list() == universal["user_id"].to_list()
+    assert np.abs(churn["embedding"].to_numpy() - universal["embedding"].to_numpy()).max() > 1e-3
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    assert np.isfinite(metrics["instructed/probe_test/churn/auc"])
+    assert np.isfinite(metrics["instructed/downstream_test/propensity_category/score"])  # the preset's two instructed targets
+    instructed = {k.split("/")[2] for k in metrics if k.startswith("instructed/")}
+    assert instructed == {"churn", "propensity_category"}  # each target probed on its own instruction only
+    assert (result.run_dir / "embeddings_propensity_category.parquet").is_file()
