@@ -129,7 +129,7 @@ def test_the_training_user_vector_is_the_embedding_of_the_prompt(events, tiny_mi
         torch.testing.assert_close(module.user_vectors(states, with_answer), module.embed(without), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("keys", [{"modality_encoders": False, "max_source_tokens": 160}, {"use_sequence": False}, {"use_tabular": False}, {"alpha_lm": 0.0}])
+@pytest.mark.parametrize("keys", [{"modality_encoders": False, "max_source_tokens": 160}, {"use_sequence": False}, {"use_tabular": False}, {"alpha_lm": 0.0}, {"lora": False}])
 def test_ablations_train_one_step(events, tiny_minilm_dir, keys):
     module, dm = build(events, tiny_minilm_dir, **keys)
     module.train()
@@ -138,6 +138,8 @@ def test_ablations_train_one_step(events, tiny_minilm_dir, keys):
     sum(parts.values()).backward()
     assert (module.encoder is None) == (not keys.get("modality_encoders", True) or not keys.get("use_sequence", True))
     assert (module.tabular_adapter is None) == (not keys.get("modality_encoders", True) or not keys.get("use_tabular", True))
+    rows_with_grad = (module.llm.get_input_embeddings().weight.grad.abs().sum(1) > 0).sum().item()
+    assert (rows_with_grad > 1) == (keys.get("lora") is False)  # full fine-tuning trains every row the batch reads
 
 
 def test_bad_configs_name_their_key(events, tiny_minilm_dir):
