@@ -34,6 +34,11 @@ def build_datamodule(config: Any, events: Any, train: bool = True) -> Any:
     """
     if config.inputs == "events":
         return events
+    if config.inputs == "instruct":  # InstructUE: UserQA triples to train, histories with an instruction to embed
+        from datamodules.instruct_batches import InstructDataModule
+        from lit_modules.instruct_ue import load_tokenizers
+
+        return InstructDataModule(events, *load_tokenizers(config), config, train=train)
     if config.inputs != "text":
         raise ValueError(f"model.name={config.name}: inputs {config.inputs!r} are not read through a DataModule")
     from datamodules.datamodule import TextDataModule

@@ -6,6 +6,7 @@ config errors answer at once.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -25,7 +26,7 @@ from experiments.rundirs import RUN_DIR_ENV, launched_as_rank_zero, resume_dir
 
 log = logging.getLogger("experiments.run")
 TABLE_GROUPS = ("probe_test/", "downstream_test/")  # what tables report; *_val/ is for selection only
-EVAL_GROUPS = ("probe_val", "probe_test", "downstream_val", "downstream_test", "baseline")
+EVAL_GROUPS = ("probe_val", "probe_test", "downstream_val", "downstream_test", "baseline", "instructed")
 
 
 @dataclass
@@ -217,9 +218,16 @@ def run(cfg: DictConfig, command: str | None = None, extra_callbacks: list | Non
     rows = {cfg.model.name: evaluate(cfg, prepared, embeddings, scores.setdefault(cfg.model.name, {}))}
     for name, features in baseline_embeddings(cfg.probe.baselines, prepared, embeddings.shape[1], cfg.seed).items():
         rows[f"baseline/{name}"] = evaluate(cfg, prepared, features, scores.setdefault(f"baseline/{name}", {}))
+    for target, loader in (getattr(datamodule, "instructed_loaders", dict)() if module is not None else {}).items():
+        from evaluation.embed import embed_all  # InstructUE: each target probed on its own instruction's embedding too
+
+        vectors = embed_all(module, loader)
+        write_embeddings(run_dir / f"embeddings_{target}.parquet", prepared.store.user_ids, vectors)
+        only = dataclasses.replace(prepared, targets=[t for t in prepared.targets if t.name == target])
+        rows.setdefault("instructed", {}).update(evaluate(cfg, only, vectors, scores.setdefault("instructed", {})))
     metrics.update(rows[cfg.model.name])
     for name, row in rows.items():
-        if name.startswith("baseline/"):
+        if name != cfg.model.name:
             metrics.update({f"{name}/{k}": v for k, v in row.items()})
     metrics.update({f"data/{k}": v for k, v in prepared.meta["counts"].items()})
 

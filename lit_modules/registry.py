@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from experiments.ensemble import EnsembleConfig
 from lit_modules.gru_autoencoder_config import GRUAutoencoderConfig
 from lit_modules.ials_config import IALSConfig
+from lit_modules.instruct_ue_config import InstructUEConfig
 from lit_modules.lightfm_block_config import LightFMConfig
 from lit_modules.llm4es_config import LLM4ESConfig, LMFeaturesConfig
 from lit_modules.next_event_gpt_config import NextEventGPTConfig
@@ -37,5 +38,6 @@ METHODS: dict[str, Method] = {
     "lm_features": Method(LMFeaturesConfig, "lit_modules.llm4es:LMFeatureExtractor"),
     "ials": Method(IALSConfig, "lit_modules.ials:IALS"),
     "lightfm": Method(LightFMConfig, "lit_modules.lightfm_block:LightFMBlock"),
+    "instruct_ue": Method(InstructUEConfig, "lit_modules.instruct_ue:InstructUEJoint"),
     "ensemble": Method(EnsembleConfig, None),
 }

@@ -36,9 +36,9 @@ def test_registry_presets_and_module_files_in_sync():
     assert used == set(METHODS), "every registered method needs a model preset, and every preset a registered method"
     for name, method in METHODS.items():
         assert method.config().name == name
-        assert method.config.inputs in ("events", "text", "runs")
+        assert method.config.inputs in ("events", "text", "instruct", "runs")
         assert (method.module is None) == (method.config.inputs == "runs"), name
-        if method.config.inputs == "text":
+        if method.config.inputs in ("text", "instruct"):
             assert set(method.config.data_keys) <= {f.name for f in dataclasses.fields(method.config)}
 
 

@@ -30,6 +30,8 @@ def backbone_args(experiment: str, tiny_minilm_dir, tiny_causal_lm_dir) -> list[
     args = []
     if model["name"] in ("llm4es", "lm_features"):
         args += [f"model.model_path={tiny_minilm_dir}", "model.max_tokens=128"]  # the header and at least one event in every format
+    if model["name"] == "instruct_ue":  # the tiny MiniLM as both the LLM and the modality encoder
+        args += [f"model.model_path={tiny_minilm_dir}", f"model.encoder_path={tiny_minilm_dir}"]
     if model.get("rewriter_path") == "???":  # a random 1-layer Llama generates a few tokens per user
         args += [f"model.rewriter_path={tiny_causal_lm_dir}", "model.rewrite_max_new_tokens=8"]
     return args

@@ -1,0 +1,275 @@
+"""InstructUEJoint: a user's sources as soft tokens in an LLM, the user vector read at an added `<USER>` token.
+
+Each textual source goes through a BERT-style encoder (frozen by default); its token states are
+cut into `soft_tokens` consecutive chunks (older to newer events), each mean-pooled, and a
+one-layer adapter (a linear map, one per source) projects every chunk into the LLM's embedding
+space: a source becomes `soft_tokens` soft tokens that keep a coarse time order, whatever its
+length. The tabular vector (mixed units: log counts, shares, ratings, prices) is standardised
+with running statistics of the training batches (`Standardizer`) and an MLP adapter makes it
+`soft_tokens` soft tokens too. The LLM reads them between their delimiters' text tokens, then
+`Instruction: ...` and `<USER>` (datamodules/instruct_batches.py builds the sequence). The
+user vector is the final-layer state at `<USER>` (pooling "mean": the mean over every prompt
+token); the answer vector is the same LLM's last-token state on the answer alone. Causal
+attention means the answer after `<USER>` in training never changes the user vector.
+
+`<USER>` is a real added special token: the tokenizer grows, the embedding matrix grows when it
+has no spare row (new rows start at the mean embedding) and the row trains: with LoRA the
+matrix stays trainable with every gradient but `<USER>`'s zeroed (and no weight decay on it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as L
+import torch
+from torch import nn
+
+from datamodules.user_inputs import USER_TOKEN
+from lit_modules.contract import adamw_with_schedule, log_losses
+from lit_modules.instruct_ue_config import check_instruct_ue
+from lit_modules.instruct_ue_loss import answer_lm_loss, masked_info_nce
+from lit_modules.llm4es import last_real, masked_mean, padded_position_ids
+from lit_modules.lm import MINILM, load_causal_lm, load_tokenizer, resolve_model_path, with_lora
+
+
+def llm_tokenizer(model_path: str) -> Any:
+    """The backbone's tokenizer with `<USER>` added as a special token; a one-line error naming the path if it cannot be."""
+    tok = load_tokenizer(model_path)
+    try:
+        tok.add_special_tokens({"additional_special_tokens": [USER_TOKEN]})
+        ids = tok(USER_TOKEN, add_special_tokens=False)["input_ids"]
+    except (ValueError, TypeError, AttributeError, KeyError) as err:
+        raise ValueError(f"model.model_path {model_path!r}: its tokenizer cannot add {USER_TOKEN} ({err})") from None
+    if len(ids) != 1 or ids[0] == tok.unk_token_id:
+        raise ValueError(f"model.model_path {model_path!r}: its tokenizer cannot add {USER_TOKEN} as one token (got ids {ids})")
+    return tok
+
+
+def load_tokenizers(config: Any) -> tuple[Any, Any | None, int]:
+    """(LLM tokenizer with <USER>, the encoder's tokenizer keeping the newest tokens or None, <USER>'s id) for a config."""
+    tok = llm_tokenizer(config.model_path)
+    enc = None
+    if config.modality_encoders and config.use_sequence:
+        from transformers import AutoTokenizer
+
+        path = resolve_model_path(config.encoder_path, "model.encoder_path")
+        enc = AutoTokenizer.from_pretrained(path, local_files_only=True, truncation_side="left")
+    return tok, enc, tok.convert_tokens_to_ids(USER_TOKEN)
+
+
+def add_user_row(model: Any, tok: Any, model_path: str) -> int:
+    """Make room for `<USER>` in the input embeddings (new rows = the mean row); returns its id."""
+    user_id = tok.convert_tokens_to_ids(USER_TOKEN)
+    emb = model.get_input_embeddings()
+    if emb is None:
+        raise ValueError(f"model.model_path {model_path!r}: the backbone has no input embedding matrix for {USER_TOKEN}")
+    rows = emb.weight.shape[0]
+    if user_id >= rows:
+        try:
+            model.resize_token_embeddings(len(tok), mean_resizing=False)
+        except (NotImplementedError, ValueError, AttributeError, RuntimeError) as err:
+            raise ValueError(f"model.model_path {model_path!r}: the backbone has no room for {USER_TOKEN} ({err})") from None
+        with torch.no_grad():
+            weight = model.get_input_embeddings().weight
+            weight[rows:] = weight[:rows].mean(0)
+    return user_id
+
+
+def chunk_means(states: torch.Tensor, real: torch.Tensor, k: int) -> torch.Tensor:
+    """[N, T, D] -> [N, k, D]: the real tokens of each row cut into k consecutive chunks, each averaged
+    (a row with fewer than k real tokens fills its empty chunks with the mean of all of them)."""
+    n = real.sum(1, keepdim=True).clamp(min=1)
+    chunk = ((real.long().cumsum(1) - 1).clamp(min=0) * k) // n
+    weights = nn.functional.one_hot(chunk, k).to(states.dtype) * real[..., None].to(states.dtype)  # [N, T, k]
+    sums = torch.einsum("ntk,ntd->nkd", weights, states)
+    counts = weights.sum(1)[..., None]
+    whole = masked_mean(states, real)[:, None]
+    return torch.where(counts > 0, sums / counts.clamp(min=1), whole)
+
+
+class Standardizer(nn.Module):
+    """x -> (x - mean) / std with the exact running mean and variance of every training batch seen (eval: frozen),
+    so an embedding never depends on its batch mates; clipped to +-10 (a value far outside training)."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.register_buffer("count", torch.zeros(()))
+        self.register_buffer("mean", torch.zeros(n))
+        self.register_buffer("m2", torch.zeros(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            with torch.no_grad():  # Chan et al.'s merge of the batch's moments into the running ones
+                nb, mb = float(len(x)), x.float().mean(0)
+                delta, total = mb - self.mean, self.count + nb
+                self.m2 += ((x.float() - mb) ** 2).sum(0) + delta**2 * self.count * nb / total
+                self.mean += delta * nb / total
+                self.count += nb
+        std = (self.m2 / self.count.clamp(min=1)).sqrt().clamp(min=1e-2) if self.count > 0 else torch.ones_like(self.mean)
+        return ((x.float() - self.mean) / std).clamp(-10, 10)
+
+
+class InstructUEJoint(L.LightningModule):
+    """InstructUE trained jointly: next-token loss on the answer + masked InfoNCE between user and answer vectors."""
+
+    def __init__(
+        self,
+        n_sources: int,
+        n_tabular: int,
+        model_path: str = MINILM,
+        encoder_path: str = MINILM,
+        modality_encoders: bool = True,
+        use_sequence: bool = True,
+        use_tabular: bool = True,
+        soft_tokens: int = 4,
+        train_encoder: bool = False,
+        lora: bool = True,
+        lora_r: int = 8,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.05,
+        lora_targets: list[str] | None = None,
+        pooling: str = "user_token",
+        alpha_lm: float = 1.0,
+        alpha_cl: float = 1.0,
+        temperature: float = 0.07,
+        margin: float = 0.1,
+        user_answer_negatives: bool = True,
+        user_user_negatives: bool = True,
+        answer_answer_negatives: bool = True,
+        lr: float = 2e-4,
+        betas: tuple[float, float] | list[float] = (0.9, 0.999),
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        attn_implementation: str | None = None,
+    ):
+        super().__init__()
+        betas = [float(b) for b in betas]  # plain types for save_hyperparameters: weights_only=True loading
+        lora_targets = [str(t) for t in lora_targets] if lora_targets is not None else None
+        check_instruct_ue(pooling, alpha_lm, alpha_cl, temperature, use_sequence, use_tabular, soft_tokens, betas)
+        self.save_hyperparameters()
+        tok = llm_tokenizer(model_path)
+        llm = load_causal_lm(model_path, attn_implementation)
+        self.user_token_id = add_user_row(llm, tok, model_path)
+        hidden = llm.config.hidden_size
+        self.max_positions = getattr(llm.config, "max_position_embeddings", None)
+        if lora:
+            llm = with_lora(llm, lora_r, lora_alpha, lora_dropout, lora_targets)
+            weight = llm.get_input_embeddings().weight
+            only_user = torch.zeros(weight.shape[0], 1)
+            only_user[self.user_token_id] = 1.0
+            weight.requires_grad_(True)
+            weight.register_hook(lambda grad: grad * only_user.to(grad.device, grad.dtype))
+        self.llm = llm.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes
+        k = soft_tokens
+        self.encoder = self.source_adapters = self.standardize = self.tabular_adapter = None
+        if modality_encoders and use_sequence:
+            from transformers import AutoModel
+
+            path = resolve_model_path(encoder_path, "model.encoder_path")
+            self.encoder = AutoModel.from_pretrained(path, local_files_only=True, is_decoder=False, add_pooling_layer=False)
+            self.encoder.requires_grad_(train_encoder)
+            self.source_adapters = nn.ModuleList(nn.Linear(self.encoder.config.hidden_size, hidden) for _ in range(n_sources))
+        if modality_encoders and use_tabular:
+            self.standardize = Standardizer(n_tabular)
+            self.tabular_adapter = nn.Sequential(nn.Linear(n_tabular, hidden), nn.GELU(), nn.Linear(hidden, k * hidden))
+
+    def train(self, mode: bool = True) -> InstructUEJoint:
+        """A frozen encoder stays in eval mode (no dropout) whatever the trainer asks."""
+        super().train(mode)
+        if self.encoder is not None and not self.hparams.train_encoder:
+            self.encoder.eval()
+        return self
+
+    def soft_inputs(self, batch: dict) -> torch.Tensor | None:
+        """[B, blocks * k, H]: each source's soft tokens in input order, the tabular block's last; None in text-only mode."""
+        k, parts = self.hparams.soft_tokens, []
+        if self.encoder is not None:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.hparams.train_encoder):
+                states = self.encoder(input_ids=batch["enc_ids"], attention_mask=batch["enc_mask"]).last_hidden_state
+            chunks = chunk_means(states.float(), batch["enc_mask"].bool(), k)  # [B * S, k, De]
+            chunks = chunks.view(len(batch["index"]), len(self.source_adapters), k, -1)
+            parts += [adapter(chunks[:, s]) for s, adapter in enumerate(self.source_adapters)]
+        if self.tabular_adapter is not None:
+            out = self.tabular_adapter(self.standardize(batch["tabular"]))
+            parts.append(out.view(len(out), k, -1))
+        return torch.cat(parts, dim=1) if parts else None
+
+    def final_states(self, batch: dict, logits_from: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final-layer states [B, T, H] of the prompt(+answer) sequences and the logits of positions >= logits_from (else the last)."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if self.max_positions is not None and ids.shape[1] > self.max_positions:
+            raise ValueError(
+                f"an input of {ids.shape[1]} tokens exceeds the {self.max_positions} positions of {self.hparams.model_path!r}; "
+                "lower model.max_source_tokens, model.max_answer_tokens or model.budget"
+            )
+        embeds = self.llm.get_input_embeddings()(ids)
+        soft = self.soft_inputs(batch)
+        if soft is not None:
+            b, t = (batch["slots"] >= 0).nonzero(as_tuple=True)
+            embeds = embeds.index_put((b, t), soft[b, batch["slots"][b, t]].to(embeds.dtype))
+        keep = 1 if logits_from is None else ids.shape[1] - logits_from
+        out = self.llm(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=padded_position_ids(mask), output_hidden_states=True,
+            use_cache=False, logits_to_keep=keep,
+        )  # fmt: skip
+        return out.hidden_states[-1], out.logits
+
+    def user_vectors(self, states: torch.Tensor, batch: dict) -> torch.Tensor:
+        """[B, H] float32: the state at <USER>, or the mean over the prompt (every real token up to <USER>)."""
+        pos = batch["user_pos"]
+        if self.hparams.pooling == "user_token":
+            return states[torch.arange(len(states), device=states.device), pos].float()
+        prompt = batch["attention_mask"].bool() & (torch.arange(states.shape[1], device=states.device)[None] <= pos[:, None])
+        return masked_mean(states.float(), prompt)
+
+    def answer_vectors(self, batch: dict) -> torch.Tensor:
+        """[B, H]: the LLM's final state at the last token of each answer read alone."""
+        if "answer_ids" not in batch:
+            raise ValueError("the contrastive loss needs every example's answer (answer_ids); embedding batches have none")
+        mask = batch["answer_mask"]
+        out = self.llm(
+            input_ids=batch["answer_ids"], attention_mask=mask, position_ids=padded_position_ids(mask), output_hidden_states=True,
+            use_cache=False, logits_to_keep=1,
+        )  # fmt: skip
+        return last_real(out.hidden_states[-1].float(), mask.bool())
+
+    def losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The weighted parts: lm = alpha_lm * next-token loss on the answer, cl = alpha_cl * masked InfoNCE (a part with weight 0 is skipped)."""
+        hp = self.hparams
+        states, logits = self.final_states(batch, int(batch["user_pos"].min()) if hp.alpha_lm > 0 else None)
+        parts = {}
+        if hp.alpha_lm > 0:
+            parts["lm"] = hp.alpha_lm * answer_lm_loss(logits, batch["labels"][:, -logits.shape[1] :])
+        if hp.alpha_cl > 0:
+            users, answers = self.user_vectors(states, batch), self.answer_vectors(batch)
+            parts["cl"] = hp.alpha_cl * masked_info_nce(
+                users, answers, hp.temperature, hp.margin, hp.user_answer_negatives, hp.user_user_negatives, hp.answer_answer_negatives
+            )
+        return parts
+
+    def embed(self, batch: dict) -> torch.Tensor:
+        """User vectors [B, H] float32 in batch order, for the instruction the batch was built with (call in eval mode)."""
+        states, _ = self.final_states(batch)
+        return self.user_vectors(states, batch)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return log_losses(self, self.losses(batch), "train", len(batch["index"]))
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return log_losses(self, self.losses(batch), "val", len(batch["index"]))
+
+    def predict_step(self, batch: dict, batch_idx: int = 0, dataloader_idx: int = 0) -> torch.Tensor:
+        return self.embed(batch)
+
+    def param_groups(self) -> list[dict]:
+        """Trainable parameters; the embedding matrix apart without weight decay (under LoRA only its <USER> row gets
+        gradients, and decay would still shrink every frozen row)."""
+        emb = self.llm.get_input_embeddings().weight
+        rest = [p for p in self.parameters() if p.requires_grad and p is not emb]
+        return [{"params": rest}] + ([{"params": [emb], "weight_decay": 0.0}] if emb.requires_grad else [])
+
+    def configure_optimizers(self) -> Any:
+        """AdamW with warmup and cosine decay over `param_groups`."""
+        hp = self.hparams
+        return adamw_with_schedule(self, self.param_groups(), hp.lr, hp.weight_decay, tuple(hp.betas), hp.warmup_steps, schedule="cosine")

@@ -1,0 +1,204 @@
+"""InstructUEJoint on real ml100k data with the tiny random MiniLM (tests/conftest.py) as LLM and encoder."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from datamodules.instruct_batches import InstructCollator
+from datamodules.text_batches import IGNORE
+from datamodules.user_inputs import USER_TOKEN
+from lit_modules.instruct_ue import Standardizer, chunk_means, llm_tokenizer
+from lit_modules.instruct_ue_config import InstructUEConfig
+from lit_modules.lm import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def events(ml100k_cache):
+    from datamodules.config import DataConfig
+    from datamodules.datamodule import EventDataModule
+    from experiments.config import compose, to_dataclass
+
+    cfg = compose([f"data.cache_dir={ml100k_cache}", "data.batch_size=6"])
+    return EventDataModule(to_dataclass(cfg.data, DataConfig), seed=0)
+
+
+def build(events, tiny_minilm_dir, **keys):
+    from experiments.build import build_datamodule, build_module
+
+    config = InstructUEConfig(model_path=str(tiny_minilm_dir), encoder_path=str(tiny_minilm_dir), **keys)
+    torch.manual_seed(0)
+    return build_module(config, events.data), build_datamodule(config, events)
+
+
+def first_batch(loader) -> dict:
+    return next(iter(loader))
+
+
+def test_user_is_an_added_token_and_its_row_trains_under_lora(events, tiny_minilm_dir):
+    base = load_tokenizer(str(tiny_minilm_dir))
+    tok = llm_tokenizer(str(tiny_minilm_dir))
+    assert len(tok) == len(base) + 1 and USER_TOKEN in tok.all_special_tokens
+    assert tok(f"a {USER_TOKEN} b", add_special_tokens=False)["input_ids"][1] == tok.convert_tokens_to_ids(USER_TOKEN)
+    module, dm = build(events, tiny_minilm_dir)
+    user = module.user_token_id
+    assert user == len(base) and module.llm.get_input_embeddings().weight.shape[0] == len(tok)
+    before = module.llm.get_input_embeddings().weight.detach().clone()
+    opt = torch.optim.AdamW(module.param_groups(), lr=1e-2, weight_decay=0.1)
+    batch = first_batch(dm.train_dataloader())
+    assert (batch["input_ids"] == user).sum() == len(batch["index"])  # one <USER> per example, at user_pos
+    assert (batch["input_ids"][torch.arange(len(batch["index"])), batch["user_pos"]] == user).all()
+    module.train()
+    sum(module.losses(batch).values()).backward()
+    opt.step()
+    after = module.llm.get_input_embeddings().weight.detach()
+    changed = (after != before).any(1).nonzero().flatten().tolist()
+    assert changed == [user]  # the <USER> row trains, every pretrained row stays (LoRA)
+
+
+def test_gradients_reach_adapters_lora_and_the_user_row_not_the_frozen_encoder(events, tiny_minilm_dir):
+    module, dm = build(events, tiny_minilm_dir)
+    module.train()
+    parts = module.losses(first_batch(dm.train_dataloader()))
+    assert set(parts) == {"lm", "cl"} and all(torch.isfinite(v) for v in parts.values())
+    sum(parts.values()).backward()
+    grads = {n: p.grad for n, p in module.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert any(n.startswith("source_adapters.0") for n in grads) and any(n.startswith("tabular_adapter") for n in grads)
+    assert any("lora_B" in n for n in grads)  # (lora_A's gradient is 0 while lora_B is at its zero init)
+    emb_grad = module.llm.get_input_embeddings().weight.grad
+    assert emb_grad.abs().sum(1).nonzero().flatten().tolist() == [module.user_token_id]
+    assert not any(n.startswith("encoder.") for n in grads)
+
+
+def test_the_collated_sequence(events, tiny_minilm_dir):
+    config = InstructUEConfig(model_path=str(tiny_minilm_dir), encoder_path=str(tiny_minilm_dir), soft_tokens=3)
+    from lit_modules.instruct_ue import load_tokenizers
+
+    tok, enc, user = load_tokenizers(config)
+    dm = build(events, tiny_minilm_dir, soft_tokens=3)[1]
+    items = [dm.qa_dataset(val=False)[i] for i in range(4)]
+    batch = InstructCollator(tok, enc, user, config, with_answers=True)(items)
+    for i, item in enumerate(items):
+        pos = int(batch["user_pos"][i])
+        slots = batch["slots"][i]
+        assert slots[slots >= 0].tolist() == list(range(2 * 3))  # ratings then tabular, 3 soft tokens each, in order
+        assert (slots[pos:] == -1).all()
+        answer = tok(item.answer, add_special_tokens=False)["input_ids"][: config.max_answer_tokens] + [tok.sep_token_id]
+        real = batch["attention_mask"][i].bool()
+        assert batch["input_ids"][i][real][pos + 1 :].tolist() == answer
+        assert batch["labels"][i][real][pos + 1 :].tolist() == answer and (batch["labels"][i][: pos + 1] == IGNORE).all()
+        assert batch["answer_ids"][i][batch["answer_mask"][i].bool()].tolist() == [tok.cls_token_id, *answer]
+        prompt = tok.decode(batch["input_ids"][i][: pos + 1])
+        instruction = tok.decode(tok(item.instruction, add_special_tokens=False)["input_ids"])
+        assert instruction in prompt and ("instruction :" in prompt) == bool(item.instruction) and prompt.endswith(USER_TOKEN)
+    assert batch["enc_ids"].shape[0] == 4 and batch["tabular"].shape == (4, len(items[0].tabular))
+    text_only = dataclasses.replace(config, modality_encoders=False, use_tabular=False)
+    batch = InstructCollator(tok, None, user, text_only, with_answers=False)(items[:1])
+    assert (batch["slots"] == -1).all() and "enc_ids" not in batch and "tabular" not in batch and "answer_ids" not in batch
+    prompt = tok.decode(batch["input_ids"][0])
+    assert "< ratings >" in prompt and "tabular" not in prompt and prompt.endswith(USER_TOKEN)
+
+
+def test_embedding_ignores_batch_mates_and_padding_and_follows_the_instruction(events, tiny_minilm_dir):
+    module, dm = build(events, tiny_minilm_dir)
+    module.eval()
+    universal, asked = dm.instruction_loader(""), dm.instruction_loader("Which genres does this user prefer?")
+    with torch.no_grad():
+        batch = first_batch(universal)
+        together = module.embed(batch)
+        collate = universal.collate_fn
+        alone = module.embed(collate([universal.dataset[1]]))
+        instructed = module.embed(first_batch(asked))
+    torch.testing.assert_close(together[1:2], alone, rtol=1e-4, atol=1e-5)
+    assert together.shape == (len(batch["index"]), 64)
+    assert (instructed - together).abs().max() > 1e-3
+
+
+def test_the_training_user_vector_is_the_embedding_of_the_prompt(events, tiny_minilm_dir):
+    """Causal attention: the answer after <USER> leaves the user vector as `embed` computes it without the answer."""
+    module, dm = build(events, tiny_minilm_dir, pooling="mean")
+    module.eval()
+    items = [dm.qa_dataset(val=True)[i] for i in range(3)]
+    with_answer = InstructCollator(dm.tokenizer, dm.encoder_tokenizer, dm.user_token_id, dm.config, with_answers=True)(items)
+    without = InstructCollator(dm.tokenizer, dm.encoder_tokenizer, dm.user_token_id, dm.config, with_answers=False)(items)
+    with torch.no_grad():
+        states, _ = module.final_states(with_answer, int(with_answer["user_pos"].min()))
+        torch.testing.assert_close(module.user_vectors(states, with_answer), module.embed(without), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("keys", [{"modality_encoders": False, "max_source_tokens": 160}, {"use_sequence": False}, {"use_tabular": False}, {"alpha_lm": 0.0}, {"lora": False}])
+def test_ablations_train_one_step(events, tiny_minilm_dir, keys):
+    module, dm = build(events, tiny_minilm_dir, **keys)
+    module.train()
+    parts = module.losses(first_batch(dm.train_dataloader()))
+    assert set(parts) == ({"cl"} if keys.get("alpha_lm") == 0 else {"lm", "cl"})
+    sum(parts.values()).backward()
+    assert (module.encoder is None) == (not keys.get("modality_encoders", True) or not keys.get("use_sequence", True))
+    assert (module.tabular_adapter is None) == (not keys.get("modality_encoders", True) or not keys.get("use_tabular", True))
+    rows_with_grad = (module.llm.get_input_embeddings().weight.grad.abs().sum(1) > 0).sum().item()
+    assert (rows_with_grad > 1) == (keys.get("lora") is False)  # full fine-tuning trains every row the batch reads
+
+
+def test_bad_configs_name_their_key(events, tiny_minilm_dir):
+    with pytest.raises(ValueError, match=r"model.instructions.favourite_colour: no probe target"):
+        build(events, tiny_minilm_dir, instructions={"favourite_colour": "What colour?"})
+    with pytest.raises(ValueError, match="alpha_lm"):
+        InstructUEConfig(alpha_lm=0.0, alpha_cl=0.0)
+    with pytest.raises(ValueError, match="use_sequence"):
+        InstructUEConfig(use_sequence=False, use_tabular=False)
+    with pytest.raises(ValueError, match="model.pooling"):
+        InstructUEConfig(pooling="cls")
+    module, dm = build(events, tiny_minilm_dir, modality_encoders=False, max_source_tokens=600)
+    with pytest.raises(ValueError, match=r"exceeds the 512 positions .*model.max_source_tokens"):
+        module.embed(first_batch(dm.instruction_loader("")))
+
+
+def test_standardizer_keeps_exact_running_moments_and_freezes_in_eval():
+    rng = np.random.default_rng(0)
+    batches = [rng.normal([1.0, 100.0], [2.0, 30.0], (n, 2)).astype(np.float32) for n in (5, 9, 3)]
+    std = Standardizer(2).train()
+    for b in batches:
+        std(torch.from_numpy(b))
+    seen = np.concatenate(batches)
+    np.testing.assert_allclose(std.mean.numpy(), seen.mean(0), rtol=1e-5)
+    x = torch.tensor([[3.0, 40.0]])
+    expected = (x.numpy() - seen.mean(0)) / seen.std(0)
+    std.eval()
+    np.testing.assert_allclose(std(x).numpy(), expected, rtol=1e-4)
+    np.testing.assert_allclose(std(x).numpy(), expected, rtol=1e-4)  # eval never updates
+
+
+def test_chunk_means_by_hand():
+    states = torch.arange(12, dtype=torch.float32).view(2, 6, 1)
+    real = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    out = chunk_means(states, real, 2)[..., 0]
+    assert out[0].tolist() == [0.5, 2.5]  # tokens 0,1 | 2,3; pads left out
+    assert out[1].tolist() == [6.0, 6.0]  # one token: the chunk it falls in, and the empty chunk takes the whole mean
+
+
+def test_a_run_writes_and_probes_each_targets_instructed_embeddings(recsys_dir, tiny_minilm_dir, tmp_path):
+    import json
+
+    import polars as pl
+
+    from experiments.config import compose
+    from experiments.run import run
+    from tests.helpers import data_args_for
+
+    args = ["experiment=instructue_recsys2025", "trainer.fast_dev_run=true", "logger.wandb=false", "probe.baselines=[]",
+            f"output_dir={tmp_path / 'out'}", "run_name=r", f"model.model_path={tiny_minilm_dir}", f"model.encoder_path={tiny_minilm_dir}",
+            *data_args_for("recsys2025", None, None, recsys_dir, tmp_path)]
+    result = run(compose(args))
+    universal = pl.read_parquet(result.run_dir / "embeddings.parquet")
+    churn = pl.read_parquet(result.run_dir / "embeddings_churn.parquet")
+    assert churn["user_id"].to_list() == universal["user_id"].to_list()
+    assert np.abs(churn["embedding"].to_numpy() - universal["embedding"].to_numpy()).max() > 1e-3
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    assert np.isfinite(metrics["instructed/probe_test/churn/auc"])
+    assert np.isfinite(metrics["instructed/downstream_test/propensity_category/score"])  # the preset's two instructed targets
+    instructed = {k.split("/")[2] for k in metrics if k.startswith("instructed/")}
+    assert instructed == {"churn", "propensity_category"}  # each target probed on its own instruction only
+    assert (result.run_dir / "embeddings_propensity_category.parquet").is_file()
