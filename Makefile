@@ -28,7 +28,7 @@ run: $(STAMP)
 # per process: several tests run 2-4 training processes at once (DDP ranks, sweep workers), and
 # 2 OpenMP threads each on 2 cores made them many times slower.
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=15
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
