@@ -273,8 +273,13 @@ def equality_configs(name, ml100k_cache, recsys_dir, csv_data, tmp_path):
     return to_dataclass(compose(["experiment=gru_ae_recsys2025", *overrides]).data, DataConfig)
 
 
+@pytest.mark.parametrize("chunk", [None, 50])
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_outputs_equal_the_recorded_ones(name, ml100k_cache, recsys_dir, csv_data, tmp_path):
-    """users.parquet (as loaded), targets.parquet, features.parquet and meta.json (but key, version, digests) are unchanged."""
+def test_outputs_equal_the_recorded_ones(name, chunk, ml100k_cache, recsys_dir, csv_data, tmp_path, monkeypatch):
+    """users.parquet (as loaded), targets.parquet, features.parquet and meta.json (but key, version, digests) are unchanged,
+    also when the events are encoded in chunks of about 50 (cut between users)."""
+    if chunk:
+        monkeypatch.setattr("datamodules.encode.CHUNK_EVENTS", chunk)
+        ml100k_cache = tmp_path / "ml100k"  # not the session's cache: built here, in chunks
     p = prepare(equality_configs(name, ml100k_cache, recsys_dir, csv_data, tmp_path))
     assert cache_digests(p) == EXPECTED[name]
