@@ -26,7 +26,7 @@ import numpy as np
 import polars as pl
 
 from datamodules.config import DataConfig
-from datamodules.encode import check_codes, event_order, last_events, of_event_types, schema_of, sequence_frame, token_exprs
+from datamodules.encode import check_codes, event_order, last_events, of_event_types, schema_of, sequences_of, token_exprs
 from datamodules.history_features import history_features
 from datamodules.schema import DAY_FIELD, FIRST_ID, WEEK_FIELD, EventSchema, FieldSpec
 from datamodules.store import SequenceStore
@@ -40,7 +40,7 @@ from datamodules.targets import (
 
 log = logging.getLogger(__name__)
 
-VERSION = 8  # bump when the cached layout or its meaning changes (3: meta.json holds relevant_users; 4: the state runs save, datamodules/encode.py; 5: event_types; 6: features.parquet; 7: churn population, relevant-only labels, propensity_top values and the organisers' target files; 8: drop_duplicates)
+VERSION = 9  # bump when the cached layout or its meaning changes (3: meta.json holds relevant_users; 4: the state runs save, datamodules/encode.py; 5: event_types; 6: features.parquet; 7: churn population, relevant-only labels, propensity_top values and the organisers' target files; 8: drop_duplicates; 9: features grouped over user-sorted runs, float statistics may move in the last bits)
 CACHE_IRRELEVANT = ("batch_size", "bucket_by_length", "num_workers", "cache_dir")
 CACHE_FILES = ("users.parquet", "targets.parquet", "features.parquet")
 
@@ -256,12 +256,13 @@ def build(source: SourceData, cfg: DataConfig, seed: int, key: str, path: Path) 
     t0 = tops["t0"]
 
     # Handcrafted features see every history event of a user, so they are computed before the last-max_len cut.
-    features = history_features(history, schema, vocabs, cfg.features, cutoff, cfg.event_types)
+    sorted_history = order[in_history[order]]
+    features = history_features(by_user(raw, sorted_history, schema), schema, vocabs, cfg.features, cutoff, cfg.event_types)
 
-    keep = last_events(order[in_history[order]], user, cfg.max_len)
+    keep = last_events(sorted_history, user, cfg.max_len)
     columns = ["user_id", "time", "_user", *(f.name for f in schema.fields)]
     exprs = token_exprs(schema, vocabs, edges, vocab_sizes, t0)
-    frame = sequence_frame(raw.select(columns)[keep], exprs, [f.name for f in schema.of_kind("text")])
+    frame = sequences_of(raw.select(columns), keep, user, schema, vocab_sizes, exprs)
     counts["history_events"] = int(in_history.sum())
     counts["truncated_events"] = counts["history_events"] - keep.len()
     del raw, events, history, train
@@ -320,6 +321,18 @@ def build(source: SourceData, cfg: DataConfig, seed: int, key: str, path: Path) 
     write_atomic_dir(path, {"users.parquet": frame, "targets.parquet": targets.with_columns(is_val=pl.Series(val)), "features.parquet": features}, meta)
 
 
+def by_user(raw: pl.DataFrame, rows: np.ndarray, schema: EventSchema) -> pl.LazyFrame:
+    """The columns history features read, at `rows` (sorted by user), `_user` flagged sorted.
+
+    On a key flagged sorted Polars groups by slicing runs instead of hashing: the features'
+    dozens of per-user aggregations took 11 s over 3M events hashed, 4 s sorted (gather included: 6.4 s).
+    Codes and text columns are left out (the features do not read them; they are the widest). Means
+    and stds of floats move in the last bits (summed over slices, not gathered rows).
+    """
+    columns = ["_user", "user_id", "time", "_file", "_row", *(f.name for f in schema.fields if f.kind in ("categorical", "numeric"))]
+    return raw.select(columns)[pl.Series(rows, dtype=pl.UInt32)].with_columns(pl.col("_user").set_sorted()).lazy()
+
+
 def write_atomic_dir(path: Path, frames: dict[str, pl.DataFrame], meta: dict) -> None:
     """Write into a temporary sibling, then rename: readers see the old cache or the new, never half.
 
@@ -332,7 +345,8 @@ def write_atomic_dir(path: Path, frames: dict[str, pl.DataFrame], meta: dict) ->
     tmp.mkdir(parents=True)
     try:
         for name, frame in frames.items():
-            frame.write_parquet(tmp / name, compression="lz4")  # 2x faster to write than zstd here, as fast to read
+            # lz4: 2x faster to write than zstd here, as fast to read; no column statistics (nothing reads them): 20% of the write
+            frame.write_parquet(tmp / name, compression="lz4", statistics=False)
         meta = {**meta, "files": {name: file_hash(tmp / name) for name in frames}}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
         if path.exists() and stale_reason(path, meta["key"]) is None:

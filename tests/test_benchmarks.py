@@ -94,7 +94,8 @@ def test_run_writes_results_and_plots(cache: Path, tmp_path: Path) -> None:
         assert len(result["load_average_before"]) == 3 and result["rows"]
         assert all(isinstance(t["met"], bool) for t in result["targets"])
     pre = json.loads((tmp_path / "preprocess.json").read_text())["rows"]
-    assert [r["events"] for r in pre] == sorted(r["events"] for r in pre) and all(r["polars_peak_rss_mb"] > 0 for r in pre)
+    assert [r["events"] for r in pre] == sorted(r["events"] for r in pre) and all(r["peak_MB"] > 0 for r in pre)
+    assert {r["side"] for r in pre} == {"polars", "floor", "pandas"}
     inference = json.loads((tmp_path / "inference.json").read_text())["rows"]
     assert {r["encoder"] for r in inference} == set(ENCODERS)
     assert {r["threads"] for r in inference} >= {1} and all(0 < r["collate_share"] < 1 for r in inference)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 
 import numpy as np
 import polars as pl
+import pytest
 
 from datamodules.config import TargetConfig
 from datamodules.preprocess import prepare
@@ -225,3 +227,59 @@ def test_features_cached_beside_the_sequences_in_store_order(tmp_path, csv_data,
         again = prepare(cfg)
     assert "missing ['features.parquet']" in caplog.text
     assert again.features.equals(p.features)
+
+
+# Content hashes of the cache this code writes, recorded from the code before the streaming rewrite
+# of `build`: a refactor must leave every value, dtype and order of the outputs the same.
+EXPECTED = {
+    "ml100k": {"users": "dc616210a5c43cfa", "targets": "a0337c0b8a8278b9", "features": "f34ec2730de5f425", "meta": "fb8d6dd4d842ede1"},
+    "recsys_challenge": {"users": "74dfaa9a3782dc1b", "targets": "99e427131d25a77b", "features": "8c4946034584b16a", "meta": "ff887ff3faa55061"},
+    "recsys_user_split": {"users": "e6edb1e3ed994fff", "targets": "9b6f4d4967c494d6", "features": "195a08456f7b6431", "meta": "af44f34c5bcd8fed"},
+    "generic": {"users": "58c583f590ff5efc", "targets": "05ff6a6684271994", "features": "91426c699b987077", "meta": "2820d15f3b001470"},
+}
+UNHASHED_META = ("key", "version", "files")  # the cache key embeds VERSION; file digests depend on parquet bytes
+
+
+def frame_digest(frame: pl.DataFrame) -> str:
+    """sha256 of a frame's column names, dtypes and values in row order (independent of the parquet encoding)."""
+    payload = json.dumps([str(frame.schema), frame.to_dict(as_series=False)], default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def cache_digests(p) -> dict[str, str]:
+    meta = {k: v for k, v in p.meta.items() if k not in UNHASHED_META}
+    # Features to 10 significant digits: a mean or std summed in another order moves in the last bits, nothing else may.
+    features = p.features.with_columns(pl.col(pl.Float64).round_sig_figs(10))
+    return {
+        "users": frame_digest(p.users),
+        "targets": frame_digest(pl.read_parquet(p.path / "targets.parquet")),
+        "features": frame_digest(features),
+        "meta": hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()[:16],
+    }
+
+
+def equality_configs(name, ml100k_cache, recsys_dir, csv_data, tmp_path):
+    from datamodules.config import DataConfig
+    from experiments.config import compose, to_dataclass
+
+    if name == "ml100k":
+        return to_dataclass(compose([f"data.cache_dir={ml100k_cache}"]).data, DataConfig)
+    if name == "generic":
+        events, labels = csv_data
+        return generic_config(events, labels, tmp_path / "cache", cutoff_days_before_end=14, window_days=14, max_len=10)
+    overrides = [f"data.path={recsys_dir}", f"data.cache_dir={tmp_path / 'cache'}", "data.max_len=32"]
+    if name == "recsys_user_split":
+        overrides += ["data.protocol=user_split", "data.cutoff_days_before_end=14", "data.targets=[]"]
+    return to_dataclass(compose(["experiment=gru_ae_recsys2025", *overrides]).data, DataConfig)
+
+
+@pytest.mark.parametrize("chunk", [None, 50])
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_outputs_equal_the_recorded_ones(name, chunk, ml100k_cache, recsys_dir, csv_data, tmp_path, monkeypatch):
+    """users.parquet (as loaded), targets.parquet, features.parquet and meta.json (but key, version, digests) are unchanged,
+    also when the events are encoded in chunks of about 50 (cut between users)."""
+    if chunk:
+        monkeypatch.setattr("datamodules.encode.CHUNK_EVENTS", chunk)
+        ml100k_cache = tmp_path / "ml100k"  # not the session's cache: built here, in chunks
+    p = prepare(equality_configs(name, ml100k_cache, recsys_dir, csv_data, tmp_path))
+    assert cache_digests(p) == EXPECTED[name]
