@@ -5,8 +5,8 @@
 the gates, and it runs every user over the batch's full padded length. This path reads the
 same parameters of the `nn.GRU` (no copies, so loaded weights drive it) and per layer:
 
-- projects every step's input at once: one GEMM over the whole [T * B, input] batch, with
-  the recurrent bias of the reset and update gates folded in (r and z see b_i + b_h);
+- projects the inputs of CHUNK steps at once: one GEMM over [CHUNK * B, input], with the
+  recurrent bias of the reset and update gates folded in (r and z see b_i + b_h);
 - sorts users by length, longest first, so at step t only the first `active[t]` rows are
   still real: a finished user is never stepped over padding and its state stays put;
 - per step runs one GEMM, accumulated in place into that step's projected inputs (whose
