@@ -7,12 +7,13 @@ same parameters of the `nn.GRU` (no copies, so loaded weights drive it) and per 
 
 - projects the inputs of CHUNK steps at once: one GEMM over [CHUNK * B, input], with the
   recurrent bias of the reset and update gates folded in (r and z see b_i + b_h);
-- sorts users by length, longest first, so at step t only the first `active[t]` rows are
-  still real: a finished user is never stepped over padding and its state stays put;
+- takes users sorted longest first (the caller sorts), so at step t only the first
+  `active[t]` rows are still real: a finished user is never stepped over padding and its
+  state stays put;
 - per step runs one GEMM, accumulated in place into that step's projected inputs (whose
-  new-gate columns hold b_hn, so they become W_hn h + b_hn), then four fused elementwise
-  kernels written in place: sigmoid over r and z, n = tanh(x_n + r * (W_hn h + b_hn)),
-  h' = n + z (h - n) as one lerp into the layer's output buffer.
+  new-gate columns hold b_hn, so they become W_hn h + b_hn), then six elementwise kernels,
+  all in place and none allocating: sigmoid over r and z, n = tanh(x_n + r * (W_hn h + b_hn))
+  as addcmul, sigmoid, two scalar passes, and h' = n + z (h - n) as one lerp into the state.
 
 No autograd (everything is in place): callers use it only when no gradient is needed.
 Inter-layer dropout is not applied, so it equals `nn.GRU` in eval mode.
