@@ -29,9 +29,11 @@ def table(name: str, report: Report) -> None:
     console = Console(width=max(100, Console().width))
     if report.rows:
         t = Table(title=name)
-        columns = list(dict.fromkeys(k for row in report.rows for k in row))
+        # parameters["columns"] (key -> short header) picks and names the printed columns; else every key.
+        headers = report.parameters.get("columns") or {k: k for row in report.rows for k in row}
+        columns = list(headers)
         for c in columns:
-            t.add_column(c, justify="left" if isinstance(report.rows[0].get(c), str) else "right")
+            t.add_column(headers[c], justify="left" if isinstance(report.rows[0].get(c), str) else "right")
         for row in report.rows:
             t.add_row(*[fmt(row.get(c)) for c in columns])
         console.print(t)

@@ -20,6 +20,11 @@ slice's backward zero-fills and adds a full-size gradient, which made a training
 1.5-1.8x slower than the trimmed path on the same length-bucketed batches
 (docs/benchmarks.md). Summed field embeddings are one `embedding_bag` over a
 concatenated table instead of a stack of per-field lookups (forward 13x faster on CPU in a trial).
+
+Off CUDA, "auto" runs the encoder through `fast_gru.last_states` whenever no gradient is
+needed (embed, validation) and dropout is inactive: the same nn.GRU parameters, users sorted
+longest first so no pad step is computed, one GEMM per step (docs/benchmarks.md has its
+speed). "trimmed" always runs nn.GRU; training (autograd) always does.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from datamodules.fields import with_time
 from datamodules.schema import EOS, MISSING, PAD, SOS
 from lit_modules.contract import log_losses
+from lit_modules.fast_gru import last_states
 from lit_modules.gru_autoencoder_config import check_gru_autoencoder
 
 GRU_PATHS = ("auto", "packed", "trimmed")
@@ -145,6 +151,8 @@ class GRUAutoencoder(L.LightningModule):
     def _encode(self, tokens: list[torch.Tensor], lengths: torch.Tensor) -> torch.Tensor:
         """The encoder's last-layer state at each user's last real step (EOS with markers) [B, hidden]."""
         tokens, lengths = self._encoder_input(tokens, lengths)
+        if self._fast():
+            return self._encode_fast(tokens, lengths)
         x = self._events(tokens)
         if self._packed():
             packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
@@ -152,6 +160,20 @@ class GRUAutoencoder(L.LightningModule):
             return h_n[-1]
         out, _ = self.encoder(x)
         return out[torch.arange(len(lengths), device=out.device), lengths.to(out.device) - 1]
+
+    def _fast(self) -> bool:
+        """The no-gradient encoder path: "auto" off CUDA, no autograd, no active dropout (see the module docstring)."""
+        if self.gru_path != "auto" or self._packed() or torch.is_grad_enabled():
+            return False
+        return not (self.training and self.encoder.dropout > 0)
+
+    def _encode_fast(self, tokens: list[torch.Tensor], lengths: torch.Tensor) -> torch.Tensor:
+        """`_encode` through `last_states`: users sorted longest first, events time-major, vectors back in batch order."""
+        lengths = lengths.to(tokens[0].device)
+        order = torch.argsort(lengths, descending=True, stable=True)
+        x = self._events([t.index_select(0, order).t() for t in tokens])  # [T, B, event_dim]
+        z = last_states(self.encoder, x, lengths[order])
+        return torch.empty_like(z).index_copy_(0, order, z)
 
     def embed(self, batch: dict) -> torch.Tensor:
         """User vectors [B, hidden] float32 in batch order; independent of padding and batch mates.
