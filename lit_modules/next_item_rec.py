@@ -74,8 +74,8 @@ class NextItemRec(L.LightningModule):
         if n_items <= FIRST_ID:
             raise ValueError(f"model.item_field: {item_field!r} has no item ids (vocabulary size {n_items})")
         side_table, text_table = torch.as_tensor(np.asarray(side_table)), torch.as_tensor(np.asarray(text_table))
-        if side_table.shape != (n_items, len(side_sizes)):
-            raise ValueError(f"side_table has shape {tuple(side_table.shape)}, expected ({n_items}, {len(side_sizes)}): build the model through its config's data_args")
+        if side_table.shape != (n_items, len(side_sizes)) or text_table.ndim != 2 or len(text_table) != n_items:
+            raise ValueError(f"item tables of shapes {tuple(side_table.shape)}, {tuple(text_table.shape)} do not fit {n_items} items: build the model through its config's data_args")
         self.item_input = ItemInput(n_items, side_sizes, text_vocab, text_table.shape[1], hidden, id_dim, side_dim, text_dim, item_inputs)
         self.item_input.set_tables(side_table, text_table)
         self.encoder = build_encoder(encoder, hidden, layers, heads, dropout, max_len, state_size, conv_kernel, expand)
@@ -110,15 +110,16 @@ class NextItemRec(L.LightningModule):
 
     # ---------------------------------------------------------------- losses
 
-    def losses(self, batch: dict, train: bool = False, h_items: tuple | None = None) -> dict[str, torch.Tensor]:
+    def losses(self, batch: dict, train: bool = False, computed: tuple | None = None) -> dict[str, torch.Tensor]:
         """{"next_item": loss}: each state predicts the next real item (ids >= FIRST_ID), averaged over those targets.
 
         Supervised: cross-entropy over all items, or (training with `sampled_negatives`) over the
         true item and shared uniform negatives. Contrastive: InfoNCE between the normalised state
         and the normalised next items of all positions of the batch, temperature `temperature`;
-        another position with the same next item is not counted as a negative.
+        another position with the same next item is not counted as a negative. `computed`: the
+        batch's `states(batch)` when the caller already has them (validation reuses them for metrics).
         """
-        items, lengths, h = h_items if h_items is not None else self.states(batch)
+        items, lengths, h = computed if computed is not None else self.states(batch)
         out, target = next_item_pairs(items, lengths, h)
         if len(target) == 0:  # only 1-event users: nothing to predict
             return {"next_item": h.sum() * 0.0}
@@ -153,7 +154,7 @@ class NextItemRec(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         items, lengths, h = self.states(batch)
-        loss = log_losses(self, self.losses(batch, h_items=(items, lengths, h)), "val", len(lengths))
+        loss = log_losses(self, self.losses(batch, computed=(items, lengths, h)), "val", len(lengths))
         metrics = self.heldout_metrics(items, lengths, h)
         n = len(next(iter(metrics.values())))
         if n:

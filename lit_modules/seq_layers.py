@@ -20,10 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:  # optional: the fused kernel of the Mamba authors (CUDA only)
-    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _cuda_scan
-except ImportError:  # the usual case here: no mamba-ssm, no GPU
-    _cuda_scan = None
+_cuda_scan = None
+if torch.cuda.is_available():  # the fused kernel of the Mamba authors, only where it can run
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _cuda_scan
+    except (ImportError, OSError):  # not installed, or built for another CUDA: the PyTorch scan
+        _cuda_scan = None
 
 
 class RMSNorm(nn.Module):
