@@ -40,6 +40,8 @@ class SASRec(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] > self.positions.num_embeddings:
+            raise ValueError(f"SASRec reads at most model.max_len={self.positions.num_embeddings} positions, got {x.shape[1]}")
         x = self.drop(x + self.positions(torch.arange(x.shape[1], device=x.device))[None])
         for block in self.blocks:
             x = block(x)
