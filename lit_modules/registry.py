@@ -17,6 +17,7 @@ from lit_modules.instruct_ue_config import InstructUEConfig
 from lit_modules.lightfm_block_config import LightFMConfig
 from lit_modules.llm4es_config import LLM4ESConfig, LMFeaturesConfig
 from lit_modules.next_event_gpt_config import NextEventGPTConfig
+from lit_modules.next_item_rec_config import NextItemRecConfig
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class Method:
 METHODS: dict[str, Method] = {
     "gru_autoencoder": Method(GRUAutoencoderConfig, "lit_modules.gru_autoencoder:GRUAutoencoder"),
     "next_event_gpt": Method(NextEventGPTConfig, "lit_modules.next_event_gpt:NextEventGPT"),
+    "next_item_rec": Method(NextItemRecConfig, "lit_modules.next_item_rec:NextItemRec"),
     "llm4es": Method(LLM4ESConfig, "lit_modules.llm4es:LLM4ESFinetune"),
     "lm_features": Method(LMFeaturesConfig, "lit_modules.llm4es:LMFeatureExtractor"),
     "ials": Method(IALSConfig, "lit_modules.ials:IALS"),

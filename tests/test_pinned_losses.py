@@ -16,6 +16,7 @@ from experiments.build import build_datamodule, build_module
 from lit_modules.gru_autoencoder_config import GRUAutoencoderConfig
 from lit_modules.llm4es_config import LLM4ESConfig, LMFeaturesConfig
 from lit_modules.next_event_gpt_config import NextEventGPTConfig
+from lit_modules.next_item_rec_config import NextItemRecConfig
 from tests.conftest import generic_config
 
 STEPS = 3
@@ -81,6 +82,21 @@ def test_next_event_gpt_event_types_pinned_loss(events):
     assert metrics["val/loss"] == pytest.approx(PINNED["next_event_gpt_event_types"], rel=REL)
 
 
+@pytest.mark.parametrize(
+    "encoder, objective", [("gru4rec", "supervised"), ("sasrec", "supervised"), ("hstu", "supervised"), ("trm", "supervised"),
+                           ("mamba", "supervised"), ("trm", "contrastive")],
+)  # fmt: skip
+def test_next_item_rec_pinned_loss(events, encoder, objective):
+    """Each UQABench encoder on merchants as items, event type and amount bucket as side ids, description words as text."""
+    config = NextItemRecConfig(
+        encoder=encoder, objective=objective, item_field="merchant", side_fields=["event_type", "amount"], text_field="description",
+        id_dim=8, side_dim=4, text_dim=4, hidden=16, layers=1, heads=2, max_len=16, state_size=4, text_len=4, warmup_steps=1,
+    )
+    metrics = fit_briefly(config, events)
+    assert {"train/loss_next_item", "val/loss_next_item", "val/recall@10", "val/ndcg@20"} <= set(metrics)
+    assert metrics["val/loss"] == pytest.approx(PINNED[f"next_item_rec_{encoder}_{objective}"], rel=REL)
+
+
 def test_llm4es_pinned_loss(events, tiny_lm):
     config = LLM4ESConfig(model_path=str(tiny_lm), from_layer=-2, lr=1e-3, warmup_steps=1, max_tokens=64)
     metrics = fit_briefly(config, events)
@@ -101,6 +117,12 @@ PINNED = {
     "gru_autoencoder_concat_no_markers": 11.019826,  # the pin before decoder_input/markers existed
     "next_event_gpt": 6.4127498,
     "next_event_gpt_event_types": 4.4670568,
+    "next_item_rec_gru4rec_supervised": 2.0763180,  # 8 merchants: the uniform guess is ln 8 = 2.079
+    "next_item_rec_sasrec_supervised": 2.0730486,
+    "next_item_rec_hstu_supervised": 2.0591266,
+    "next_item_rec_trm_supervised": 2.0780993,
+    "next_item_rec_mamba_supervised": 2.0736008,
+    "next_item_rec_trm_contrastive": 3.8821645,
     "llm4es": 10.152400,
     "lm_features": 10.305487,  # windows: every event of the users longer than 64 tokens is read (one window only: 10.355422)
 }
