@@ -48,21 +48,35 @@ def smoke_size_args(experiment: str) -> list[str]:
     return []
 
 
-@pytest.mark.parametrize("name", presets("experiment"))
-def test_every_experiment_smoke_runs(name, csv_data, ml100k_cache, recsys_dir, tiny_minilm_dir, tiny_causal_lm_dir, tmp_path):
-    """Data and backbone come from each experiment's own config (its data source, its model folders)."""
-    out = tmp_path / "out"
-    common = ["trainer.fast_dev_run=true", f"output_dir={out}", "run_name=smoke", "logger.wandb=false"]
-    data = data_args(experiment_source(name), csv_data, ml100k_cache, tmp_path, recsys_dir)
-    args = [f"experiment={name}", *common, *data, *backbone_args(name, tiny_minilm_dir, tiny_causal_lm_dir), *smoke_size_args(name)]
+SMOKE = ["trainer.fast_dev_run=true", "run_name=smoke", "logger.wandb=false"]
+
+
+@pytest.fixture(scope="session")
+def smoke_runs(tmp_path_factory) -> dict:
+    """Smoke runs of this session by experiment: an ensemble's blocks are the blocks' own smoke runs, made once."""
+    return {"out": tmp_path_factory.mktemp("smoke"), "runs": {}}
+
+
+def smoke_run(name: str, smoke_runs: dict, data_fixtures: tuple, backbones: tuple, tmp_path: Path):
+    """(config, result) of experiment `name` at smoke size, run now unless this session already ran it."""
+    if name in smoke_runs["runs"]:
+        return smoke_runs["runs"][name]
+    csv_data, ml100k_cache, recsys_dir = data_fixtures
+    data = data_args(experiment_source(name), csv_data, ml100k_cache, tmp_path / name, recsys_dir)
+    args = [f"experiment={name}", *SMOKE, f"output_dir={smoke_runs['out']}", *data, *backbone_args(name, *backbones), *smoke_size_args(name)]
     cfg = compose(args)
     if cfg.model.name == "ensemble":  # its blocks are finished runs: make them first, then point the ensemble at them
         for block in cfg.model.blocks:
-            source = experiment_source(block.experiment)
-            block_data = data_args(source, csv_data, ml100k_cache, tmp_path, recsys_dir)
-            run(compose([f"experiment={block.experiment}", *common, *block_data, *backbone_args(block.experiment, tiny_minilm_dir, tiny_causal_lm_dir)]))
-        cfg = compose(args + [f"model.output_dir={out}"])
-    result = run(cfg)
+            smoke_run(block.experiment, smoke_runs, data_fixtures, backbones, tmp_path)
+        cfg = compose(args + [f"model.output_dir={smoke_runs['out']}"])
+    smoke_runs["runs"][name] = cfg, run(cfg)
+    return smoke_runs["runs"][name]
+
+
+@pytest.mark.parametrize("name", presets("experiment"))
+def test_every_experiment_smoke_runs(name, smoke_runs, csv_data, ml100k_cache, recsys_dir, tiny_minilm_dir, tiny_causal_lm_dir, tmp_path):
+    """Data and backbone come from each experiment's own config (its data source, its model folders)."""
+    cfg, result = smoke_run(name, smoke_runs, (csv_data, ml100k_cache, recsys_dir), (tiny_minilm_dir, tiny_causal_lm_dir), tmp_path)
     for t in cfg.data.targets:
         key = f"downstream_test/{t.name}/score" if t.kind == "propensity_top" else f"probe_test/{t.name}/auc"
         assert np.isfinite(result.metrics[key]), key
