@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from datamodules.schema import FIRST_ID
-from datamodules.user_history import History
+from datamodules.user_history import OTHER, UNKNOWN, History
 
 log = logging.getLogger(__name__)
 
@@ -133,9 +133,9 @@ def _vocab(h: History, names: np.ndarray | None) -> _Vocab:
     return _Vocab(cats, items)
 
 
-def _pick(rng: np.random.Generator, answer: str, key: Hashable, draw: Callable[[], tuple[Hashable, str]], n: int) -> tuple[str, ...] | None:
-    """The answer and up to n - 1 distractors (distinct keys, none the answer's), shuffled; None without a distractor."""
-    seen, out = {key}, [answer]
+def _pick(rng: np.random.Generator, answer: str, taken: set, draw: Callable[[], tuple[Hashable, str]], n: int) -> tuple[str, ...] | None:
+    """The answer and up to n - 1 distractors (distinct keys, none in `taken`), shuffled; None without a distractor."""
+    seen, out = set(taken), [answer]
     for _ in range(MAX_DRAWS):
         if len(out) == n:
             break
@@ -160,10 +160,17 @@ def _trajectory(before: str, after: str) -> str:
     return f"stayed with {before}" if before == after else f"from {before} to {after}"
 
 
-Made = tuple[str, str, Hashable, Callable[[], tuple[Hashable, str]], int]  # question, answer, its key, distractor draw, end
+# question, answer, keys no distractor may have (the answer's at least), distractor draw, end
+Made = tuple[str, str, set, Callable[[], tuple[Hashable, str]], int]
 
 
-def _make(h: History, row: int, subtask: str, cfg: UQAConfig, rng: np.random.Generator, vocab: _Vocab, names: np.ndarray | None) -> Made | str:
+def _known(value: str) -> bool:
+    return value not in ("", UNKNOWN, OTHER)
+
+
+def _make(
+    h: History, row: int, subtask: str, cfg: UQAConfig, rng: np.random.Generator, vocab: _Vocab, names: np.ndarray | None
+) -> Made | str:
     """One sub-task's question for one user, or the reason it is skipped."""
     r, n = h.roles, h.length(row)
     idx = h.events(row)
@@ -171,25 +178,22 @@ def _make(h: History, row: int, subtask: str, cfg: UQAConfig, rng: np.random.Gen
     cat_names = h.names(cat) if cat else None
     cats = (lambda ev: [str(v) for v in cat_names[h.store.tokens[cat][ev]]]) if cat else None
 
-    def known(values: list[str]) -> list[bool]:
-        return [v not in ("", "unknown", "other") for v in values]
-
     if subtask in ("direct_feature", "match_feature", "attribute_prediction", "long_term_interest", "short_term_interest",
                    "interest_trajectory") and not (cat and vocab.categories):  # fmt: skip
         return "no category field"
-    if subtask in ("item_prediction",) and names is None:
+    if subtask == "item_prediction" and names is None:
         return "no item field"
     if subtask == "direct_feature":
         fields = [(cat, cats)]
         if r.item_text:  # the title is a feature of the item; a bare item id is not
             fields.append((r.item_text, lambda ev: [str(v) for v in names[ev]]))
-        options = [(k, f, get) for f, get in fields for k in range(1, min(len(ORDINALS), n) + 1) if known(get(idx[[-k]]))[0]]
+        options = [(k, f, get) for f, get in fields for k in range(1, min(len(ORDINALS), n) + 1) if _known(get(idx[[-k]])[0])]
         if not options:
             return "no known value among the last items"
         k, f, get = options[int(rng.integers(len(options)))]
         answer = get(idx[[-k]])[0]
         pool = vocab.categories if get is cats else vocab.items
-        return f"What is the {f} of the {ORDINALS[k - 1]} {item} in this user's history?", answer, answer, _from(rng, pool), n
+        return f"What is the {f} of the {ORDINALS[k - 1]} {item} in this user's history?", answer, {answer}, _from(rng, pool), n
     if subtask == "match_feature":
         ranked = h.ranked(cat, idx)  # only categories the user has: the answer is never 0
         if not ranked:
@@ -201,7 +205,7 @@ def _make(h: History, row: int, subtask: str, cfg: UQAConfig, rng: np.random.Gen
             c = int(rng.integers(1, top + 1))
             return c, str(c)
 
-        return f"How many {item}s in this user's history have the {cat} {value}?", str(count), count, draw_count, n
+        return f"How many {item}s in this user's history have the {cat} {value}?", str(count), {count}, draw_count, n
     if subtask in ("item_prediction", "attribute_prediction"):
         end = n - cfg.held_out
         if end < 1:
@@ -211,11 +215,12 @@ def _make(h: History, row: int, subtask: str, cfg: UQAConfig, rng: np.random.Gen
             answer = str(names[nxt][0])
             if not answer:
                 return "the next item has no name"
-            return f"Which {item} will this user turn to next?", answer, answer, _from(rng, vocab.items), end
+            seen = set() if r.item_repeats else {str(v) for v in names[idx[:end]]}  # no re-rating: a seen movie is no distractor
+            return f"Which {item} will this user turn to next?", answer, {answer, *seen}, _from(rng, vocab.items), end
         answer = cats(nxt)[0]
-        if not known([answer])[0]:
+        if not _known(answer):
             return "the next item's category is unknown"
-        return f"What {cat} will the next {item} this user turns to have?", answer, answer, _from(rng, vocab.categories), end
+        return f"What {cat} will the next {item} this user turns to have?", answer, {answer}, _from(rng, vocab.categories), end
     if subtask == "long_term_interest":
         ranked = h.ranked(cat, idx)
         if len(ranked) < TOP:
@@ -227,13 +232,13 @@ def _make(h: History, row: int, subtask: str, cfg: UQAConfig, rng: np.random.Gen
             return frozenset(vs), ", ".join(vs)
 
         question = f"What are this user's {TOP} most frequent {r.category_noun}, most frequent first?"
-        return question, ", ".join(top3), frozenset(top3), draw_set, n
+        return question, ", ".join(top3), {frozenset(top3)}, draw_set, n
     recent = h.ranked(cat, idx[-w:])
     if not recent:
         return "no known category among the last items"
     if subtask == "short_term_interest":
         question = f"Which {cat} dominates this user's last {w} {item}s?"
-        return question, recent[0][0], recent[0][0], _from(rng, vocab.categories), n
+        return question, recent[0][0], {recent[0][0]}, _from(rng, vocab.categories), n
     older = h.ranked(cat, idx[:-w]) if n > w else []
     if not older:
         return "no known category before the last items"
@@ -243,7 +248,7 @@ def _make(h: History, row: int, subtask: str, cfg: UQAConfig, rng: np.random.Gen
         return (a, b), _trajectory(a, b)
 
     question = f"How did this user's main {cat} change from their earlier {item}s to their last {w}?"
-    return question, _trajectory(older[0][0], recent[0][0]), (older[0][0], recent[0][0]), draw_pair, n
+    return question, _trajectory(older[0][0], recent[0][0]), {(older[0][0], recent[0][0])}, draw_pair, n
 
 
 def user_questions(
@@ -261,8 +266,8 @@ def user_questions(
         if isinstance(made, str):
             skipped[subtask] = made
             continue
-        question, answer, key, draw, end = made
-        candidates = _pick(rng, answer, key, draw, cfg.n_candidates)
+        question, answer, taken, draw, end = made
+        candidates = _pick(rng, answer, taken, draw, cfg.n_candidates)
         if candidates is None:
             skipped[subtask] = "no distractor in the vocabulary"
             continue

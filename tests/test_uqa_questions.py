@@ -18,7 +18,10 @@ from tests.test_userqa import AFTER_CUTOFF, CUTOFF, RATINGS, ml100k_config, with
 
 # User 1 in time order: Alpha, Beta, Eta (Drama), Delta, Epsilon (Action), Zeta (Horror). User 2: Gamma, Theta, Iota, Kappa (Comedy).
 TINY = UQAConfig(short_window=3, held_out=1, n_candidates=4)
-LAST = {"1": [("Zeta", "Horror"), ("Epsilon", "Action"), ("Delta", "Action")], "2": [("Kappa", "Comedy"), ("Iota", "Comedy"), ("Theta", "Comedy")]}
+LAST = {  # user -> (title, genre) of the last, second- and third-to-last movie
+    "1": [("Zeta", "Horror"), ("Epsilon", "Action"), ("Delta", "Action")],
+    "2": [("Kappa", "Comedy"), ("Iota", "Comedy"), ("Theta", "Comedy")],
+}
 COUNTS = {"1": {"Drama": 3, "Action": 2, "Horror": 1}, "2": {"Comedy": 4}}
 DIRECT = re.compile(r"What is the (genre|title) of the (.+) movie in this user's history\?")
 MATCH = re.compile(r"How many movies in this user's history have the genre (.+)\?")
@@ -63,6 +66,7 @@ def test_answers_on_a_hand_made_pair_of_users(tiny):
     assert ("2", "long_term_interest") not in got  # one genre only: skipped, with its reason
     assert user_questions(tiny, 1, TINY)[1] == {"long_term_interest": "fewer than 3 known categories"}
     assert len(questions) == 13
+    assert set(by_task(questions)[("1", "item_prediction")].candidates) <= {"Zeta", "Gamma", "Theta", "Iota", "Kappa"}  # none rated before
     for q in questions:
         assert_well_formed(q, 4)
     assert set(by_task(questions)[("1", "long_term_interest")].candidates[0].split(", ")) <= {"Comedy", "Drama", "Action", "Horror"}
@@ -152,6 +156,9 @@ def test_future_questions_read_only_the_held_out_part(ml100k):
         assert q.end == n - 2
         want = ml100k.names("genre")[genre[at]] if q.subtask == "attribute_prediction" else " ".join(str(titles[at]).split())
         assert q.answer == want
+        if q.subtask == "item_prediction":  # ml100k users never rate a movie twice: no distractor is one they rated before the cut
+            rated = {" ".join(str(t).split()) for t in titles[ml100k.events(q.row, q.end)]}
+            assert not (rated - {q.answer}) & set(q.candidates)  # the answer may share a title with a rated movie (ml100k has such pairs)
         if q.subtask == "attribute_prediction" and genre[at] in (5, 6):
             (again,) = user_questions(with_changed_future(ml100k, q.row, q.end), q.row, cfg)[0][1:]
             assert again.end == q.end and again.question == q.question and again.answer != q.answer
