@@ -108,29 +108,23 @@ def check_candidates(user_id: str, subtask: str, answer: str, candidates: tuple[
 
 
 @dataclass
-class _Vocab:
-    """The distractor pools of one dataset: category values and distinct item names."""
+class Pools:
+    """One dataset's distractor pools and item names, built once for all users (the title column is large)."""
 
-    categories: list[str]
-    items: list[str]
+    categories: list[str]  # the category vocabulary
+    items: list[str]  # distinct item names, sorted
+    names: np.ndarray | None  # readable item name of every store event; None without an item field
 
-
-def _clean(text: object) -> str:
-    return " ".join(str(text).split()) if text is not None else ""
-
-
-def _item_names(h: History) -> np.ndarray:
-    """Readable name of every store event's item: its text (ml100k title) when the data has one, else the item id."""
-    r = h.roles
-    if r.item_text:
-        return np.array([_clean(t) for t in h.texts[r.item_text]], dtype=object)
-    return h.names(r.item)[h.store.tokens[r.item]]
-
-
-def _vocab(h: History, names: np.ndarray | None) -> _Vocab:
-    cats = [str(v) for v in h.names(h.roles.category)[FIRST_ID:]] if h.roles.category else []
-    items = sorted({str(n) for n in names if n}) if names is not None else []
-    return _Vocab(cats, items)
+    @classmethod
+    def of(cls, h: History) -> Pools:
+        """Items read by their text (ml100k title) when the data has one, else by their id."""
+        r, names = h.roles, None
+        if r.item_text:
+            names = np.array([" ".join(str(t).split()) if t is not None else "" for t in h.texts[r.item_text]], dtype=object)
+        elif r.item:
+            names = h.names(r.item)[h.store.tokens[r.item]]
+        cats = [str(v) for v in h.names(r.category)[FIRST_ID:]] if r.category else []
+        return cls(cats, sorted({str(n) for n in names if _known(str(n))}) if names is not None else [], names)
 
 
 def _pick(rng: np.random.Generator, answer: str, taken: set, draw: Callable[[], tuple[Hashable, str]], n: int) -> tuple[str, ...] | None:
@@ -168,18 +162,16 @@ def _known(value: str) -> bool:
     return value not in ("", UNKNOWN, OTHER)
 
 
-def _make(
-    h: History, row: int, subtask: str, cfg: UQAConfig, rng: np.random.Generator, vocab: _Vocab, names: np.ndarray | None
-) -> Made | str:
+def _make(h: History, row: int, subtask: str, cfg: UQAConfig, rng: np.random.Generator, pools: Pools) -> Made | str:
     """One sub-task's question for one user, or the reason it is skipped."""
-    r, n = h.roles, h.length(row)
+    r, n, names = h.roles, h.length(row), pools.names
     idx = h.events(row)
     item, cat, w = ITEM_NOUNS.get(h.source, "item"), r.category, cfg.short_window
     cat_names = h.names(cat) if cat else None
     cats = (lambda ev: [str(v) for v in cat_names[h.store.tokens[cat][ev]]]) if cat else None
 
     if subtask in ("direct_feature", "match_feature", "attribute_prediction", "long_term_interest", "short_term_interest",
-                   "interest_trajectory") and not (cat and vocab.categories):  # fmt: skip
+                   "interest_trajectory") and not (cat and pools.categories):  # fmt: skip
         return "no category field"
     if subtask == "item_prediction" and names is None:
         return "no item field"
@@ -192,7 +184,7 @@ def _make(
             return "no known value among the last items"
         k, f, get = options[int(rng.integers(len(options)))]
         answer = get(idx[[-k]])[0]
-        pool = vocab.categories if get is cats else vocab.items
+        pool = pools.categories if get is cats else pools.items
         return f"What is the {f} of the {ORDINALS[k - 1]} {item} in this user's history?", answer, {answer}, _from(rng, pool), n
     if subtask == "match_feature":
         ranked = h.ranked(cat, idx)  # only categories the user has: the answer is never 0
@@ -213,14 +205,14 @@ def _make(
         nxt = idx[[end]]
         if subtask == "item_prediction":
             answer = str(names[nxt][0])
-            if not answer:
-                return "the next item has no name"
+            if not _known(answer):  # recsys2025: the next event may carry no product (a page visit, a search)
+                return "the next event has no known item"
             seen = set() if r.item_repeats else {str(v) for v in names[idx[:end]]}  # no re-rating: a seen movie is no distractor
-            return f"Which {item} will this user turn to next?", answer, {answer, *seen}, _from(rng, vocab.items), end
+            return f"Which {item} will this user turn to next?", answer, {answer, *seen}, _from(rng, pools.items), end
         answer = cats(nxt)[0]
         if not _known(answer):
             return "the next item's category is unknown"
-        return f"What {cat} will the next {item} this user turns to have?", answer, {answer}, _from(rng, vocab.categories), end
+        return f"What {cat} will the next {item} this user turns to have?", answer, {answer}, _from(rng, pools.categories), end
     if subtask == "long_term_interest":
         ranked = h.ranked(cat, idx)
         if len(ranked) < TOP:
@@ -228,7 +220,7 @@ def _make(
         top3 = [v for v, _ in ranked[:TOP]]
 
         def draw_set() -> tuple[frozenset, str]:
-            vs = [vocab.categories[i] for i in rng.choice(len(vocab.categories), TOP, replace=False)]
+            vs = [pools.categories[i] for i in rng.choice(len(pools.categories), TOP, replace=False)]
             return frozenset(vs), ", ".join(vs)
 
         question = f"What are this user's {TOP} most frequent {r.category_noun}, most frequent first?"
@@ -238,13 +230,13 @@ def _make(
         return "no known category among the last items"
     if subtask == "short_term_interest":
         question = f"Which {cat} dominates this user's last {w} {item}s?"
-        return question, recent[0][0], {recent[0][0]}, _from(rng, vocab.categories), n
+        return question, recent[0][0], {recent[0][0]}, _from(rng, pools.categories), n
     older = h.ranked(cat, idx[:-w]) if n > w else []
     if not older:
         return "no known category before the last items"
 
     def draw_pair() -> tuple[tuple[str, str], str]:
-        a, b = (vocab.categories[int(rng.integers(len(vocab.categories)))] for _ in range(2))
+        a, b = (pools.categories[int(rng.integers(len(pools.categories)))] for _ in range(2))
         return (a, b), _trajectory(a, b)
 
     question = f"How did this user's main {cat} change from their earlier {item}s to their last {w}?"
@@ -252,17 +244,15 @@ def _make(
 
 
 def user_questions(
-    h: History, row: int, cfg: UQAConfig, vocab: _Vocab | None = None, names: np.ndarray | None = None
+    h: History, row: int, cfg: UQAConfig, pools: Pools | None = None
 ) -> tuple[list[Question], dict[str, str]]:
     """One user's questions in `cfg.subtasks` order, and the skipped sub-tasks with their reasons."""
-    if vocab is None:
-        names = _item_names(h) if (h.roles.item_text or h.roles.item) else None
-        vocab = _vocab(h, names)
+    pools = pools or Pools.of(h)
     user = str(h.store.user_ids[row])
     out, skipped = [], {}
     for subtask in cfg.subtasks:
         rng = np.random.default_rng([cfg.seed, zlib.crc32(user.encode()), SUBTASKS.index(subtask)])
-        made = _make(h, row, subtask, cfg, rng, vocab, names)
+        made = _make(h, row, subtask, cfg, rng, pools)
         if isinstance(made, str):
             skipped[subtask] = made
             continue
@@ -279,11 +269,9 @@ def user_questions(
 def build_questions(history: History, cfg: UQAConfig | None = None) -> list[Question]:
     """Every user's questions, in store-row order; skipped (user, sub-task) pairs are counted in the log."""
     cfg = cfg or UQAConfig()
-    names = _item_names(history) if (history.roles.item_text or history.roles.item) else None
-    vocab = _vocab(history, names)
-    questions, skips = [], Counter()
+    pools, questions, skips = Pools.of(history), [], Counter()
     for row in range(len(history)):
-        qs, skipped = user_questions(history, row, cfg, vocab, names)
+        qs, skipped = user_questions(history, row, cfg, pools)
         questions += qs
         skips.update(f"{s}: {why}" for s, why in skipped.items())
     log.info("UQA: %d questions for %d users; skipped %s", len(questions), len(history), dict(skips) or "none")

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from datamodules.config import DataConfig
 from datamodules.preprocess import Prepared, prepare
 from datamodules.user_history import History
 from datamodules.uqa_questions import (
@@ -164,3 +165,19 @@ def test_future_questions_read_only_the_held_out_part(ml100k):
             assert again.end == q.end and again.question == q.question and again.answer != q.answer
             changed_answers += 1
     assert changed_answers > 10
+
+
+def test_items_read_by_id_on_recsys2025(recsys_dir, tmp_path):
+    """Without a title field: items go by id, direct feature asks the category only, events without a product are never an answer."""
+    cfg = DataConfig(source="recsys2025", path=str(recsys_dir), cutoff_days_before_end=14, window_days=14, cache_dir=str(tmp_path))
+    h = History.of(prepare(cfg))
+    questions = build_questions(h, UQAConfig())
+    assert {q.subtask for q in questions} == set(SUBTASKS)
+    sku = h.names("sku")
+    for q in questions:
+        assert_well_formed(q, 4)
+        assert not {"unknown", "other"} & set(q.candidates), q
+        if q.subtask == "item_prediction":
+            assert q.answer == sku[h.store.tokens["sku"][int(h.store.offsets[q.row]) + q.end]]
+        if q.subtask == "direct_feature":
+            assert q.question.startswith("What is the category of the ")
