@@ -16,8 +16,8 @@ before them. Every other question reads the whole history (`end` = its length).
 Candidates hold the answer exactly once plus distractors drawn from the dataset's vocabulary
 (category values, distinct item titles or ids, counts), shuffled. Where users never meet an item
 twice (ml100k), item prediction offers no item the user met before the cut: such a distractor
-would be trivially ruled out. Ties in "top" categories break by vocabulary order (`History.ranked`). Deterministic: each (user, sub-task) draws from a generator
-seeded by (seed, crc32(user id), sub-task index), so choosing other sub-tasks or users changes
+would be trivially ruled out. Ties in "top" categories break by vocabulary order
+(`History.ranked`). Deterministic: each (user, sub-task) draws from a generator seeded by (seed, crc32(user id), sub-task index), so choosing other sub-tasks or users changes
 nothing else. A history that cannot support a sub-task (too short, unknown values, fewer than
 3 categories, a vocabulary without distractors) skips it; `user_questions` names the skips and
 `build_questions` logs their counts.
