@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 
 from datamodules.instruct_batches import HistoryInputs, InstructDataModule
 from datamodules.text_batches import IGNORE
@@ -103,7 +104,7 @@ def tune_instruction(
     if not data:
         raise ValueError("instruction tuning: no FIT batches")
     tokens = initial_tokens(module, tokenizer, n_tokens, instruction, seed)
-    data = [(with_instruction_slots(b, tokenizer, len(tokens)), y) for b, y in data]
+    data = [(move_data_to_device(with_instruction_slots(b, tokenizer, len(tokens)), module.device), y) for b, y in data]
     tokens = torch.nn.Parameter(tokens.to(module.device))
     optimizer = torch.optim.Adam([tokens], lr=lr)
     flags = [(p, p.requires_grad) for p in module.parameters()]
@@ -134,7 +135,36 @@ def embed_tuned(module: InstructUEJoint, batches: Iterable[dict], tokenizer: Any
     try:
         for batch in batches:
             rows.append(batch["index"].numpy())
-            vectors.append(module.embed(with_instruction_slots(batch, tokenizer, len(tokens)), tokens.to(module.device)))
+            slotted = move_data_to_device(with_instruction_slots(batch, tokenizer, len(tokens)), module.device)
+            vectors.append(module.embed(slotted, tokens.to(module.device)).cpu())
     finally:
         module.train(was_training)
     return np.concatenate(rows), torch.cat(vectors)
+
+
+def tuned_embeddings(module: InstructUEJoint, dm: InstructDataModule, seed: int, fractions: Sequence[float]) -> dict[str, np.ndarray]:
+    """Target -> every user's embedding [U, H] with that target's tuned instruction (`model.tuned_targets`).
+
+    The tokens fit on the target's FIT users of the probe's own split (same seed and fractions),
+    so the VAL/TEST users the probe scores never lend a label to the tuning.
+    """
+    from evaluation.probe import fit_side
+
+    config, targets = dm.config, {t.name: t for t in dm.data.targets}
+    out = {}
+    for name in config.tuned_targets:
+        if name not in targets:
+            raise ValueError(f"model.tuned_targets: {name!r} is no probe target; the targets are {list(targets)}")
+        _, fit, y = fit_side(targets[name], seed, fractions)
+        y = np.asarray(y)
+        if y.ndim != 1:
+            raise ValueError(f"model.tuned_targets: {name!r} is multi-label; the prototype loss needs one class per user")
+        rows = np.flatnonzero(fit & (y >= 0))
+        tokens = tune_instruction(
+            module, rows_loader(dm, rows, shuffle=True), {int(r): int(y[r]) for r in rows}, dm.tokenizer,
+            n_tokens=config.tune_tokens, instruction=config.instructions.get(name, ""), steps=config.tune_steps,
+            lr=config.tune_lr, temperature=config.tune_temperature, seed=seed,
+        )  # fmt: skip
+        _, vectors = embed_tuned(module, rows_loader(dm, np.arange(len(dm.data.store))), dm.tokenizer, tokens)
+        out[name] = vectors.numpy()
+    return out
