@@ -121,3 +121,32 @@ def test_tuning_refuses_users_without_a_fit_label_and_starts_from_text(trained):
     ids = dm.tokenizer(text, add_special_tokens=False)["input_ids"]
     start = tune_instruction(module, rows_loader(dm, fit), fit_labels, dm.tokenizer, instruction=text, steps=0)
     torch.testing.assert_close(start, module.llm.get_input_embeddings().weight[torch.tensor(ids)].detach())
+
+
+def test_the_tuned_preset_writes_and_probes_tuned_embeddings(ml100k_cache, tiny_minilm_dir, tmp_path):
+    import json
+
+    import polars as pl
+
+    from experiments.config import compose
+    from experiments.run import run
+
+    args = ["experiment=instructue_tuned_ml100k", "trainer.fast_dev_run=true", "logger.wandb=false", "probe.baselines=[]",
+            f"output_dir={tmp_path / 'out'}", "run_name=r", f"model.model_path={tiny_minilm_dir}", f"model.encoder_path={tiny_minilm_dir}",
+            f"data.cache_dir={ml100k_cache}", "model.tuned_targets=[gender]", "model.tune_steps=2", "model.instructions={gender: 'Woman or man?'}"]  # fmt: skip
+    result = run(compose(args))
+    universal = pl.read_parquet(result.run_dir / "embeddings.parquet")
+    tuned = pl.read_parquet(result.run_dir / "embeddings_gender_tuned.parquet")
+    assert tuned["user_id"].to_list() == universal["user_id"].to_list()
+    assert np.abs(np.stack(tuned["embedding"].to_numpy()) - np.stack(universal["embedding"].to_numpy())).max() > 1e-4
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    assert np.isfinite(metrics["tuned/probe_test/gender/auc"])
+    assert {k.split("/")[2] for k in metrics if k.startswith("tuned/")} == {"gender"}
+
+
+def test_bad_tuning_keys_name_themselves():
+    from lit_modules.instruct_ue_config import InstructUEConfig
+
+    for key, value in (("tune_tokens", 0), ("tune_steps", -1), ("tune_temperature", 0.0)):
+        with pytest.raises(ValueError, match=f"model.{key}"):
+            InstructUEConfig(**{key: value})
