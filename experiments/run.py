@@ -26,7 +26,7 @@ from experiments.rundirs import RUN_DIR_ENV, launched_as_rank_zero, resume_dir
 
 log = logging.getLogger("experiments.run")
 TABLE_GROUPS = ("probe_test/", "downstream_test/")  # what tables report; *_val/ is for selection only
-EVAL_GROUPS = ("probe_val", "probe_test", "downstream_val", "downstream_test", "baseline", "instructed")
+EVAL_GROUPS = ("probe_val", "probe_test", "downstream_val", "downstream_test", "baseline", "instructed", "tuned")
 
 
 @dataclass
@@ -225,6 +225,13 @@ def run(cfg: DictConfig, command: str | None = None, extra_callbacks: list | Non
         write_embeddings(run_dir / f"embeddings_{target}.parquet", prepared.store.user_ids, vectors)
         only = dataclasses.replace(prepared, targets=[t for t in prepared.targets if t.name == target])
         rows.setdefault("instructed", {}).update(evaluate(cfg, only, vectors, scores.setdefault("instructed", {})))
+    if module is not None and getattr(getattr(datamodule, "config", None), "tuned_targets", None):
+        from lit_modules.instruct_tuning import tuned_embeddings  # InstructUE: instruction tokens tuned on each target's FIT users
+
+        for target, vectors in tuned_embeddings(module, datamodule, cfg.seed, list(cfg.probe.split)).items():
+            write_embeddings(run_dir / f"embeddings_{target}_tuned.parquet", prepared.store.user_ids, vectors)
+            only = dataclasses.replace(prepared, targets=[t for t in prepared.targets if t.name == target])
+            rows.setdefault("tuned", {}).update(evaluate(cfg, only, vectors, scores.setdefault("tuned", {})))
     metrics.update(rows[cfg.model.name])
     for name, row in rows.items():
         if name != cfg.model.name:

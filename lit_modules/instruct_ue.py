@@ -195,8 +195,14 @@ class InstructUEJoint(L.LightningModule):
             parts.append(out.view(len(out), k, -1))
         return torch.cat(parts, dim=1) if parts else None
 
-    def final_states(self, batch: dict, logits_from: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Final-layer states [B, T, H] of the prompt(+answer) sequences and the logits of positions >= logits_from (else the last)."""
+    def final_states(
+        self, batch: dict, logits_from: int | None = None, instruction: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final-layer states [B, T, H] of the prompt(+answer) sequences and the logits of positions >= logits_from (else the last).
+
+        `instruction` [n, H]: learnable instruction tokens written, in order, into each row's n
+        `instruction_slots` positions (lit_modules/instruct_tuning.py makes them).
+        """
         ids, mask = batch["input_ids"], batch["attention_mask"]
         if self.max_positions is not None and ids.shape[1] > self.max_positions:
             raise ValueError(
@@ -208,6 +214,9 @@ class InstructUEJoint(L.LightningModule):
         if soft is not None:
             b, t = (batch["slots"] >= 0).nonzero(as_tuple=True)
             embeds = embeds.index_put((b, t), soft[b, batch["slots"][b, t]].to(embeds.dtype))
+        if instruction is not None:
+            b, t = batch["instruction_slots"].nonzero(as_tuple=True)  # row-major: each row's n slots in order
+            embeds = embeds.index_put((b, t), instruction.to(embeds.dtype).repeat(len(ids), 1))
         keep = 1 if logits_from is None else ids.shape[1] - logits_from
         out = self.llm(
             inputs_embeds=embeds, attention_mask=mask, position_ids=padded_position_ids(mask), output_hidden_states=True,
@@ -248,9 +257,10 @@ class InstructUEJoint(L.LightningModule):
             )
         return parts
 
-    def embed(self, batch: dict) -> torch.Tensor:
-        """User vectors [B, H] float32 in batch order, for the instruction the batch was built with (call in eval mode)."""
-        states, _ = self.final_states(batch)
+    def embed(self, batch: dict, instruction: torch.Tensor | None = None) -> torch.Tensor:
+        """User vectors [B, H] float32 in batch order, for the instruction the batch was built with (call in eval mode),
+        or for tuned instruction tokens [n, H] put in the batch's `instruction_slots`."""
+        states, _ = self.final_states(batch, instruction=instruction)
         return self.user_vectors(states, batch)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

@@ -17,6 +17,7 @@ POOLINGS = ("user_token", "mean")
 DATA_KEYS = (
     "instruction", "instructions", "budget", "max_source_tokens", "max_answer_tokens",
     "questions_per_user", "predictive_fraction", "future_fraction", "min_past_events", "generator_path",
+    "tuned_targets", "tune_tokens", "tune_steps", "tune_lr", "tune_temperature",
 )  # fmt: skip
 
 
@@ -118,6 +119,17 @@ class InstructUEConfig:
     """UserQA: predictive questions only for users with at least this many events before the cut."""
     generator_path: str | None = None
     """UserQA: a causal LM (local folder or package:NAME) that rephrases every templated answer; null: templates only."""
+    tuned_targets: list[str] = field(default_factory=list)
+    """Probe targets of the instruction-tuned variant: learnable instruction tokens fitted on each target's FIT users
+    (prototype loss, model frozen); the embeddings land in embeddings_<target>_tuned.parquet and a `tuned` probe row."""
+    tune_tokens: int = 4
+    """Instruction tuning: learnable tokens (started from the target's model.instructions text when it has one)."""
+    tune_steps: int = 50
+    """Instruction tuning: Adam steps over the FIT users' batches."""
+    tune_lr: float = 1e-2
+    """Instruction tuning: Adam learning rate of the tokens."""
+    tune_temperature: float = 0.07
+    """Instruction tuning: the prototype loss's temperature tau."""
 
     def __post_init__(self) -> None:
         check_instruct_ue(
@@ -126,6 +138,8 @@ class InstructUEConfig:
         for key in ("budget", "max_source_tokens", "max_answer_tokens"):
             if getattr(self, key) < 1:
                 raise ValueError(f"model.{key} must be >= 1, got {getattr(self, key)}")
+        if self.tune_tokens < 1 or self.tune_steps < 0 or self.tune_temperature <= 0:
+            raise ValueError("model.tune_tokens must be >= 1, model.tune_steps >= 0 and model.tune_temperature > 0")
         for target, text in self.instructions.items():
             if not str(text).strip():
                 raise ValueError(f"model.instructions.{target}: empty instruction (the universal embedding is embeddings.parquet)")

@@ -70,3 +70,17 @@ def masked_info_nce(
     columns += [(sims[k] / temperature).masked_fill(~keep[k], float("-inf")) for k in NEGATIVE_KINDS if on[k]]
     logits = torch.cat(columns, dim=1)
     return (torch.logsumexp(logits, dim=1) - positive / temperature).mean()
+
+
+def prototype_loss(user_emb: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
+    """Instruction tuning's loss: cross-entropy of softmax_c(cos(u_i, p_c) / tau) against u_i's own class.
+
+    p_c is the mean of the L2-normalised embeddings of class c in the batch (classes present only):
+    each user is pulled towards its own class mean and pushed from the others'. A batch with one
+    class gives 0. Float32 and logsumexp, so tau = 0.01 stays finite.
+    """
+    u = F.normalize(user_emb.float(), dim=-1)
+    classes, own = torch.unique(labels, return_inverse=True)
+    onehot = F.one_hot(own, len(classes)).to(u.dtype)  # [N, C]
+    prototypes = F.normalize((onehot.T @ u) / onehot.sum(0)[:, None], dim=-1)
+    return F.cross_entropy(u @ prototypes.T / temperature, own)
