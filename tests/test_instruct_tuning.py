@@ -123,6 +123,7 @@ def test_tuning_refuses_users_without_a_fit_label_and_starts_from_text(trained):
     torch.testing.assert_close(start, module.llm.get_input_embeddings().weight[torch.tensor(ids)].detach())
 
 
+@pytest.mark.slow  # the experiment smoke test runs this preset and checks its tuned rows; this one adds nothing but time
 def test_the_tuned_preset_writes_and_probes_tuned_embeddings(ml100k_cache, tiny_minilm_dir, tmp_path):
     import json
 

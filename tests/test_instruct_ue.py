@@ -179,6 +179,7 @@ def test_chunk_means_by_hand():
     assert out[1].tolist() == [6.0, 6.0]  # one token: the chunk it falls in, and the empty chunk takes the whole mean
 
 
+@pytest.mark.slow  # the experiment smoke test runs instructue_recsys2025 and checks its instructed rows too
 def test_a_run_writes_and_probes_each_targets_instructed_embeddings(recsys_dir, tiny_minilm_dir, tmp_path):
     import json
 

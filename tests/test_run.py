@@ -81,8 +81,25 @@ def test_every_experiment_smoke_runs(name, smoke_runs, csv_data, ml100k_cache, r
         key = f"downstream_test/{t.name}/score" if t.kind == "propensity_top" else f"probe_test/{t.name}/auc"
         assert np.isfinite(result.metrics[key]), key
     assert (result.run_dir / "metrics.json").is_file() and (result.run_dir / "embeddings.parquet").is_file()
+    assert_instruction_rows(cfg, result.run_dir)
     if name in first_experiment_of_each_method():
         assert_embeds_its_own_users_again(result.run_dir, cfg)
+
+
+def assert_instruction_rows(cfg, run_dir: Path) -> None:
+    """InstructUE presets: every instructed and tuned target has its own embeddings file, unlike the universal one, and its own probe row."""
+    if cfg.model.name != "instruct_ue":
+        return
+    universal = pl.read_parquet(run_dir / "embeddings.parquet")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    kinds = {t.name: t.kind for t in cfg.data.targets}
+    for group, names, suffix in (("instructed", list(cfg.model.instructions or {}), ""), ("tuned", list(cfg.model.tuned_targets or []), "_tuned")):
+        for target in names:
+            frame = pl.read_parquet(run_dir / f"embeddings_{target}{suffix}.parquet")
+            assert frame["user_id"].to_list() == universal["user_id"].to_list()
+            assert np.abs(np.stack(frame["embedding"].to_numpy()) - np.stack(universal["embedding"].to_numpy())).max() > 1e-6, (group, target)
+            key = f"{group}/downstream_test/{target}/score" if kinds[target] == "propensity_top" else f"{group}/probe_test/{target}/auc"
+            assert np.isfinite(metrics[key]), key
 
 
 def first_experiment_of_each_method() -> set[str]:
