@@ -27,8 +27,12 @@ MAX_KEYS_PREFIX = "probe_val/"  # logged every N epochs by the probe callback: t
 MAX_POINTS = 5000  # users drawn in the projection; more only blurs the picture
 
 
-def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
-    """WandbLogger (offline unless WANDB_MODE says otherwise) and CSVLogger, as the config asks."""
+def build_loggers(cfg: DictConfig, run_dir: Path, resumed: bool = False) -> list:
+    """WandbLogger (offline unless WANDB_MODE says otherwise) and CSVLogger, as the config asks.
+
+    A resumed run logs its CSV rows to a new `csv_resume<k>/` beside `csv/`: Lightning's CSVLogger
+    deletes the metrics.csv it finds in its directory, which would lose the rows before the crash.
+    """
     from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
     loggers = []
@@ -54,8 +58,16 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
         wandb_logger._wandb_init.pop("anonymous", None)
         loggers.append(wandb_logger)
     if cfg.logger.csv:
-        loggers.append(CSVLogger(save_dir=str(run_dir), name="", version="csv"))
+        loggers.append(CSVLogger(save_dir=str(run_dir), name="", version=csv_version(run_dir) if resumed else "csv"))
     return loggers
+
+
+def csv_version(run_dir: Path) -> str:
+    """The first `csv_resume<k>` directory name not yet in the run directory."""
+    k = 1
+    while (run_dir / f"csv_resume{k}").exists():
+        k += 1
+    return f"csv_resume{k}"
 
 
 def log_metrics(logger: Any, metrics: dict[str, float], step: int) -> None:

@@ -14,6 +14,7 @@ import os
 import shlex
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,7 +130,12 @@ def fit_and_embed(
         use_distributed_sampler=False,  # the datamodules shard their batches per rank themselves
     )
     started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+    with warnings.catch_warnings():
+        if resume_from is not None:  # the checkpoints found there are this run's own
+            warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+        if resume_from is not None and hasattr(datamodule, "train_position"):  # ResumeState replays its sampler mid-epoch
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
     # the state after fit, whatever N was (rank 0 writes); the full state (loops, callbacks) that resume=true needs
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     metrics = {"time/fit_seconds": time.perf_counter() - started, "epochs": trainer.current_epoch, "train/nonfinite_skipped": guard.skipped}
@@ -195,7 +201,7 @@ def run(cfg: DictConfig, command: str | None = None, extra_callbacks: list | Non
             atomic_write(run_dir / "command.txt", lambda p: p.write_text(command + "\n"))
         from experiments.loggers import build_loggers
 
-        loggers = build_loggers(cfg, run_dir)
+        loggers = build_loggers(cfg, run_dir, resumed=resumed is not None)
     else:  # another rank: it names rank 0's directory (where known) but never creates or writes it
         run_dir, loggers = Path(os.environ.get(RUN_DIR_ENV) or Path(cfg.output_dir) / cfg.experiment / (cfg.run_name or "unnamed")), []
     metrics, step = {}, 0
@@ -293,8 +299,6 @@ def check_accelerator(accelerator: str | None) -> None:
 
 def quiet_libraries() -> None:
     """Our own INFO lines (dropped rows, cache builds) on stderr; library chatter and known deprecations off."""
-    import warnings
-
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     for name in ("datamodules", "experiments", "callbacks", "evaluation", "lit_modules"):
