@@ -200,6 +200,7 @@ def codes_to_strings(codes: np.ndarray) -> pl.Series:
 
 
 UQA_ARCHETYPES, UQA_PREFERRED, UQA_CANDIDATES = 8, 4, 4
+TEXT_COLUMN = "text"  # the align files' JSON chat
 BPE_VOCAB = 151936  # Qwen2.5's vocabulary, as UQABench's token ids
 
 
@@ -221,9 +222,7 @@ def generate_uqabench(
 
     # Items: category (popular ones have more items), a brand of that category, a shop, the shop's seller; ids look hashed.
     n_cat, n_shop = max(3 * UQA_PREFERRED, items // 100), max(10, items // 50)
-    cat_of = np.sort(rng.choice(n_cat, items, p=zipf(n_cat, 0.7)))
-    cat_of[:n_cat] = np.arange(n_cat)  # every category has an item
-    cat_of = np.sort(cat_of)
+    cat_of = np.sort(np.concatenate([np.arange(n_cat), rng.choice(n_cat, items - n_cat, p=zipf(n_cat, 0.7))]))  # each has an item
     cat_start, cat_count = np.searchsorted(cat_of, np.arange(n_cat)), np.bincount(cat_of, minlength=n_cat)
     brands_per_cat = 3
     brand_of = cat_of * brands_per_cat + rng.integers(0, brands_per_cat, items)
@@ -314,9 +313,6 @@ def generate_uqabench(
         counts[f"align_data_{split}"] = len(asked)
     counts["interactions"] = int(lengths.sum())
     return counts
-
-
-TEXT_COLUMN = "text"
 
 
 def write_arrow(frame: pl.DataFrame, path: Path) -> None:

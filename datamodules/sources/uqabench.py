@@ -93,16 +93,20 @@ def arrow_schema(path: Path) -> tuple[pl.Schema, str]:
         raise DataError(f"{path}: cannot read as Arrow IPC (file or stream): {str(err).splitlines()[0]}") from None
 
 
-def read_columns(path: Path, needed: dict[str, str]) -> pl.DataFrame:
-    """The `needed` columns (column -> what it is for) of one Arrow file, with a 1-based `_row`; a missing column is an error."""
+def read_columns(path: Path, needed: dict[str, str], only: UserRange | None = None) -> pl.DataFrame:
+    """The `needed` columns (column -> what it is for) of one Arrow file, with a 1-based `_row` and `user_id`; a missing
+    column is an error. `only`: the rows of those users, kept while scanning (an IPC file; a stream is read whole first)."""
     schema, kind = arrow_schema(path)
     require_columns(path, list(schema.names()), needed)
     columns = list(needed)
     try:
-        frame = pl.read_ipc(path, columns=columns) if kind == "file" else pl.read_ipc_stream(path, columns=columns)
+        frame = pl.scan_ipc(path).select(columns) if kind == "file" else pl.read_ipc_stream(path, columns=columns).lazy()
+        frame = frame.with_row_index("_row", offset=1).with_columns(user_name(path).alias("user_id"))
+        if only is not None:
+            frame = frame.filter(only.keeps("user_id"))
+        return frame.collect()
     except (pl.exceptions.ComputeError, OSError) as err:
         raise DataError(f"{path}: cannot read as Arrow IPC: {str(err).splitlines()[0]}") from None
-    return frame.with_row_index("_row", offset=1)
 
 
 def _is_int_list(dtype: pl.DataType, depth: int) -> bool:
@@ -116,7 +120,7 @@ def _is_int_list(dtype: pl.DataType, depth: int) -> bool:
 def check_types(path: Path, frame: pl.DataFrame) -> None:
     """Id columns: List[int] or List[List[int]]; token columns: List[List[int]]."""
     for column in frame.columns:
-        if column == "_row":
+        if column in ("_row", "user_id"):
             continue
         dtype = frame.schema[column]
         ok = _is_int_list(dtype, 2) if column.endswith("_bpe_token_ids") else _is_int_list(dtype, 1) or _is_int_list(dtype, 2)
@@ -153,11 +157,8 @@ def check_rows(path: Path, frame: pl.DataFrame, columns: tuple[str, ...]) -> Non
 
 def read_events(path: Path, only: UserRange | None = None) -> tuple[pl.LazyFrame, int]:
     """One file -> the normalised event frame (see sources/base.py) and its number of empty histories (skipped)."""
-    frame = read_columns(path, {c: "UQABench layout" for c in READ})
+    frame = read_columns(path, {c: "UQABench layout" for c in READ}, only)
     check_types(path, frame)
-    frame = frame.with_columns(user_name(path).alias("user_id"))
-    if only is not None:
-        frame = frame.filter(only.keeps("user_id"))
     check_rows(path, frame, READ)
     empty = int((frame[LENGTH].list.len() == 0).sum())
     frame = frame.filter(pl.col(LENGTH).list.len() > 0)
@@ -211,7 +212,7 @@ def users(path: str | Path | None) -> pl.Series:
     parts = []
     for f in files(path):
         frame = read_columns(f, {LENGTH: "UQABench layout"})
-        parts.append(frame.filter(pl.col(LENGTH).list.len().fill_null(0) > 0).select(user_name(f).alias("user_id")).to_series())
+        parts.append(frame.filter(pl.col(LENGTH).list.len().fill_null(0) > 0)["user_id"])
     return pl.concat(parts).unique()
 
 
@@ -231,7 +232,7 @@ def read_align_questions(path: str | Path) -> pl.DataFrame:
     if frame.schema[TEXT] != pl.String:
         raise DataError(f"{path}: column {TEXT!r} has dtype {frame.schema[TEXT]}; expected a JSON string per row")
     rows = []
-    for row, text in zip(frame["_row"].to_list(), frame[TEXT].to_list()):
+    for row, user, text in zip(frame["_row"].to_list(), frame["user_id"].to_list(), frame[TEXT].to_list()):
         where = f"{path}: column {TEXT!r}, row {row}"
         if text is None:
             raise DataError(f"{where}: null instead of a JSON chat")
@@ -244,7 +245,7 @@ def read_align_questions(path: str | Path) -> pl.DataFrame:
         candidates = [c.strip() for c in found.group(1).split(CANDIDATE_SEPARATOR.strip())] if found else []
         if found and answer.strip() not in candidates:
             raise DataError(f"{where}: the answer {answer!r} is not among the question's candidates {candidates}")
-        rows.append((f"{path.stem}:{row}", question, answer, candidates, row))
+        rows.append((user, question, answer, candidates, row))
     schema = {"user_id": pl.String, "question": pl.String, "answer": pl.String, "candidates": pl.List(pl.String), "_row": pl.Int64}
     return pl.DataFrame(rows, schema=schema, orient="row").with_columns(pl.lit(str(path)).alias("_file"))
 
