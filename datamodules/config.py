@@ -80,9 +80,9 @@ class DataConfig:
     """Where events come from and how they become sequences."""
 
     source: str = "ml100k"
-    """ml100k | generic | recsys2025."""
+    """ml100k | generic | recsys2025 | uqabench."""
     path: str | None = None
-    """generic: an event file or a glob (events/*.parquet); ml100k: the ml-100k folder (default: recbole's)."""
+    """generic: an event file or a glob (events/*.parquet); ml100k: the ml-100k folder (default: recbole's); recsys2025: the challenge folder; uqabench: an Arrow file or a folder of them."""
     schema: SchemaConfig = field(default_factory=SchemaConfig)
     """generic: the event schema."""
     labels: LabelsConfig = field(default_factory=LabelsConfig)

@@ -52,6 +52,11 @@ ROLES = {
         event_type="event_type", purchase="product_buy", category_events_noun="product events", category_prefix="category ",
         item_repeats=True,
     ),
+    # UQABench (Taobao): items and categories are bare ids; titles are BPE token ids (no readable item text).
+    "uqabench": Roles(
+        item="item", category="cate", category_noun="categories", events_noun="interactions", category_events_noun="interactions",
+        category_prefix="category ", item_repeats=True,
+    ),
 }  # fmt: skip
 
 

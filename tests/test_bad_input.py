@@ -38,7 +38,7 @@ def no_cache_left(tmp_path):
 @pytest.mark.parametrize(
     "source, path, parts",
     [
-        ("parquetz", "x", ["data.source", "'parquetz'", "('ml100k', 'generic', 'recsys2025')"]),
+        ("parquetz", "x", ["data.source", "'parquetz'", "('ml100k', 'generic', 'recsys2025', 'uqabench')"]),
         ("generic", None, ["data.path", "event file or glob"]),
         ("recsys2025", None, ["data.path", "challenge data directory"]),
     ],

@@ -15,8 +15,10 @@ from experiments.run import main, run
 from tests.helpers import data_args_for, experiment_section, experiment_source
 
 
-def data_args(source: str, csv_data, ml100k_cache, tmp_path, recsys_dir=None) -> list[str]:
-    """The generic experiments' data in tests: the CSV fixture, whose columns the preset's schema names."""
+def data_args(source: str, csv_data, ml100k_cache, tmp_path, recsys_dir=None, uqabench_dir=None) -> list[str]:
+    """The generic experiments' data in tests: the CSV fixture, whose columns the preset's schema names; uqabench: a generated layout."""
+    if source == "uqabench":
+        return [f"data.path={uqabench_dir}", f"data.cache_dir={tmp_path / 'cache'}"]
     return data_args_for(source, csv_data, ml100k_cache, recsys_dir, tmp_path) + [
         "data.schema.fields=[{name: event_type}, {name: merchant}, {name: amount, kind: numeric}, {name: description, kind: text}]"
     ] * (source == "generic")
@@ -55,6 +57,16 @@ SMOKE = ["trainer.fast_dev_run=true", "run_name=smoke", "logger.wandb=false"]
 
 
 @pytest.fixture(scope="session")
+def uqabench_dir(tmp_path_factory) -> Path:
+    """A small generated UQABench Arrow layout (150 users) for the uqabench presets."""
+    from datamodules.synthetic import generate_uqabench
+
+    out = tmp_path_factory.mktemp("uqabench")
+    generate_uqabench(out, users=150, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
 def smoke_runs(tmp_path_factory) -> dict:
     """Smoke runs of this session by experiment: an ensemble's blocks are the blocks' own smoke runs, made once."""
     return {"out": tmp_path_factory.mktemp("smoke"), "runs": {}}
@@ -64,8 +76,8 @@ def smoke_run(name: str, smoke_runs: dict, data_fixtures: tuple, backbones: tupl
     """(config, result) of experiment `name` at smoke size, run now unless this session already ran it."""
     if name in smoke_runs["runs"]:
         return smoke_runs["runs"][name]
-    csv_data, ml100k_cache, recsys_dir = data_fixtures
-    data = data_args(experiment_source(name), csv_data, ml100k_cache, tmp_path / name, recsys_dir)
+    csv_data, ml100k_cache, recsys_dir, uqabench_dir = data_fixtures
+    data = data_args(experiment_source(name), csv_data, ml100k_cache, tmp_path / name, recsys_dir, uqabench_dir)
     args = [f"experiment={name}", *SMOKE, f"output_dir={smoke_runs['out']}", *data, *backbone_args(name, *backbones), *smoke_size_args(name)]
     cfg = compose(args)
     if cfg.model.name == "ensemble":  # its blocks are finished runs: make them first, then point the ensemble at them
@@ -77,9 +89,12 @@ def smoke_run(name: str, smoke_runs: dict, data_fixtures: tuple, backbones: tupl
 
 
 @pytest.mark.parametrize("name", presets("experiment"))
-def test_every_experiment_smoke_runs(name, smoke_runs, csv_data, ml100k_cache, recsys_dir, tiny_minilm_dir, tiny_causal_lm_dir, tmp_path):
+def test_every_experiment_smoke_runs(
+    name, smoke_runs, csv_data, ml100k_cache, recsys_dir, uqabench_dir, tiny_minilm_dir, tiny_causal_lm_dir, tmp_path
+):
     """Data and backbone come from each experiment's own config (its data source, its model folders)."""
-    cfg, result = smoke_run(name, smoke_runs, (csv_data, ml100k_cache, recsys_dir), (tiny_minilm_dir, tiny_causal_lm_dir), tmp_path)
+    data = (csv_data, ml100k_cache, recsys_dir, uqabench_dir)
+    cfg, result = smoke_run(name, smoke_runs, data, (tiny_minilm_dir, tiny_causal_lm_dir), tmp_path)
     for t in cfg.data.targets:
         key = f"downstream_test/{t.name}/score" if t.kind == "propensity_top" else f"probe_test/{t.name}/auc"
         assert np.isfinite(result.metrics[key]), key

@@ -7,10 +7,15 @@ from pathlib import Path
 import polars as pl
 
 from datamodules.config import DataConfig
-from datamodules.sources import generic, ml100k, recsys2025
+from datamodules.sources import generic, ml100k, recsys2025, uqabench
 from datamodules.sources.base import DataError, Source, SourceData, UserRange
 
-SOURCES: dict[str, Source] = {"ml100k": ml100k.SOURCE, "generic": generic.SOURCE, "recsys2025": recsys2025.SOURCE}
+SOURCES: dict[str, Source] = {
+    "ml100k": ml100k.SOURCE,
+    "generic": generic.SOURCE,
+    "recsys2025": recsys2025.SOURCE,
+    "uqabench": uqabench.SOURCE,
+}
 
 
 def source_of(cfg: DataConfig) -> Source:
