@@ -55,9 +55,10 @@ class ResumeState(L.Callback):
     processes included); the RNG states are restored when training starts.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, last_checkpoint: Path | None = None) -> None:
         self.position = {"epoch": 0, "resume_at": 0}  # next batch to train: epoch and batches of it already done
         self.pending_rng: dict[str, Any] | None = None
+        self.last_checkpoint = last_checkpoint  # written when a SIGTERM stops the fit
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         done = batch_idx + 1
@@ -65,6 +66,14 @@ class ResumeState(L.Callback):
             self.position = {"epoch": trainer.current_epoch + 1, "resume_at": 0}
         else:
             self.position = {"epoch": trainer.current_epoch, "resume_at": done}
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # Lightning stops a SIGTERM'd fit (a scheduler's preemption) with SIGTERMException after a whole batch;
+        # the state there is a resumable one, so keep it: resume=true continues from this batch, not the last N-step save.
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, SIGTERMException) and self.last_checkpoint is not None:
+            trainer.save_checkpoint(self.last_checkpoint, weights_only=False)
 
     def state_dict(self) -> dict[str, Any]:
         return {"position": dict(self.position), "rng": capture_rng()}

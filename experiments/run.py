@@ -109,7 +109,7 @@ def fit_and_embed(
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/loss")
     last = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_top_k=0, save_last=True, every_n_train_steps=cfg.trainer.checkpoint_every_n_steps)
     guard = NonFiniteGuard(cfg.trainer.on_nonfinite)
-    callbacks = [ResumeState(), guard, checkpoint, last]
+    callbacks = [ResumeState(run_dir / "checkpoints" / "last.ckpt"), guard, checkpoint, last]
     if cfg.trainer.early_stopping_patience is not None:
         callbacks.append(EarlyStopping(monitor="val/loss", patience=cfg.trainer.early_stopping_patience))
     if cfg.probe.every_n_epochs:  # probe_val curves during training; the final numbers come from evaluate()
@@ -336,6 +336,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"data error: {err}", file=sys.stderr)
         return 2
+    except SystemExit as stop:
+        if type(stop).__name__ != "SIGTERMException":  # Lightning's, a SystemExit without a code: it would exit 0
+            raise
+        run_dir = os.environ.get(RUN_DIR_ENV, "the run directory")
+        print(f"stopped by SIGTERM: {run_dir}/checkpoints/last.ckpt holds the last whole batch; "
+              "the same command with resume=true continues it", file=sys.stderr)
+        return 128 + 15
     print_table(result)
     print(f"run directory: {result.run_dir}")
     return 0

@@ -85,6 +85,26 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, ml100k_cac
     assert np.abs(a - b).max() < 1e-5
     assert unfinished_runs(out, "gru_ae_ml100k") == []
 
+    # SIGTERM (a preemption): the run saves last.ckpt at the batch it stopped after, exits 143, and resumes from there
+    victim = launch(tiny_args(out, ml100k_cache) + ["run_name=termed"])
+    last = out / "gru_ae_ml100k" / "termed" / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while not last.exists() and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    first_save = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+    victim.send_signal(signal.SIGTERM)
+    _, err = victim.communicate(timeout=300)
+    assert victim.returncode == 143, err[-3000:]
+    assert "stopped by SIGTERM" in err and str(last.parent.parent) in err
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    position = ckpt["callbacks"]["ResumeState"]["position"]
+    # still in the first epoch (of about 43 steps): the batches done are the steps taken
+    assert position == {"epoch": 0, "resume_at": ckpt["global_step"]} and ckpt["global_step"] >= first_save, (ckpt["global_step"], position)
+    finish(launch(tiny_args(out, ml100k_cache) + ["resume=true"]))
+    termed = json.loads((last.parent.parent / "metrics.json").read_text())
+    for key in compared:
+        assert termed[key] == pytest.approx(straight[key], abs=1e-5), key
+
 
 def test_sampler_resumes_mid_epoch_with_the_same_batches():
     lengths = np.random.default_rng(0).integers(1, 50, size=103)
