@@ -168,6 +168,7 @@ def _make(h: History, row: int, subtask: str, cfg: UQAConfig, rng: np.random.Gen
     r, n, names = h.roles, h.length(row), pools.names
     idx = h.events(row)
     item, cat, w = ITEM_NOUNS.get(h.source, "item"), r.category, cfg.short_window
+    cat_word = r.category_word or cat
     cat_names = h.names(cat) if cat else None
     cats = (lambda ev: [str(v) for v in cat_names[h.store.tokens[cat][ev]]]) if cat else None
 
@@ -177,7 +178,7 @@ def _make(h: History, row: int, subtask: str, cfg: UQAConfig, rng: np.random.Gen
     if subtask == "item_prediction" and names is None:
         return "no item field"
     if subtask == "direct_feature":
-        fields = [(cat, cats)]
+        fields = [(cat_word, cats)]
         if r.item_text:  # the title is a feature of the item; a bare item id is not
             fields.append((r.item_text, lambda ev: [str(v) for v in names[ev]]))
         options = [(k, f, get) for f, get in fields for k in range(1, min(len(ORDINALS), n) + 1) if _known(get(idx[[-k]])[0])]
@@ -198,7 +199,7 @@ def _make(h: History, row: int, subtask: str, cfg: UQAConfig, rng: np.random.Gen
             c = int(rng.integers(1, top + 1))
             return c, str(c)
 
-        return f"How many {item}s in this user's history have the {cat} {value}?", str(count), {count}, draw_count, n
+        return f"How many {item}s in this user's history have the {cat_word} {value}?", str(count), {count}, draw_count, n
     if subtask in ("item_prediction", "attribute_prediction"):
         end = n - cfg.held_out
         if end < 1:
@@ -213,7 +214,7 @@ def _make(h: History, row: int, subtask: str, cfg: UQAConfig, rng: np.random.Gen
         answer = cats(nxt)[0]
         if not _known(answer):
             return "the next item's category is unknown"
-        return f"What {cat} will the next {item} this user turns to have?", answer, {answer}, _from(rng, pools.categories), end
+        return f"What {cat_word} will the next {item} this user turns to have?", answer, {answer}, _from(rng, pools.categories), end
     if subtask == "long_term_interest":
         ranked = h.ranked(cat, idx)
         if len(ranked) < TOP:
@@ -230,7 +231,7 @@ def _make(h: History, row: int, subtask: str, cfg: UQAConfig, rng: np.random.Gen
     if not recent:
         return "no known category among the last items"
     if subtask == "short_term_interest":
-        question = f"Which {cat} dominates this user's last {w} {item}s?"
+        question = f"Which {cat_word} dominates this user's last {w} {item}s?"
         return question, recent[0][0], {recent[0][0]}, _from(rng, pools.categories), n
     older = h.ranked(cat, idx[:-w]) if n > w else []
     if not older:
@@ -240,7 +241,7 @@ def _make(h: History, row: int, subtask: str, cfg: UQAConfig, rng: np.random.Gen
         a, b = (pools.categories[int(rng.integers(len(pools.categories)))] for _ in range(2))
         return (a, b), _trajectory(a, b)
 
-    question = f"How did this user's main {cat} change from their earlier {item}s to their last {w}?"
+    question = f"How did this user's main {cat_word} change from their earlier {item}s to their last {w}?"
     return question, _trajectory(older[0][0], recent[0][0]), {(older[0][0], recent[0][0])}, draw_pair, n
 
 

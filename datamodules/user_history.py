@@ -31,6 +31,7 @@ class Roles:
     item: str | None = None  # categorical item id (ml100k item, recsys sku)
     item_text: str | None = None  # text field naming the item readably (ml100k title)
     category: str | None = None  # ml100k genre, recsys category
+    category_word: str = ""  # the category's name in questions when the field's name does not read as one (uqabench "cate")
     category_noun: str = "categories"
     level: str | None = None  # a field whose values read as numbers: rating, price bucket
     level_types: tuple[str, ...] = ()  # event types whose level counts (empty: every event)
@@ -54,7 +55,7 @@ ROLES = {
     ),
     # UQABench (Taobao): items and categories are bare ids; titles are BPE token ids (no readable item text).
     "uqabench": Roles(
-        item="item", category="cate", category_noun="categories", events_noun="interactions", category_events_noun="interactions",
+        item="item", category="cate", category_word="category", category_noun="categories", events_noun="interactions", category_events_noun="interactions",
         category_prefix="category ", item_repeats=True,
     ),
 }  # fmt: skip

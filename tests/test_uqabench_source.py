@@ -306,6 +306,8 @@ def test_build_questions_reads_items_and_categories(prepared):
         assert q.answer in q.candidates
         if q.subtask == "item_prediction":  # items by id: a value of the item vocabulary
             assert q.answer in prepared.vocabs["item"]
+        assert "cate " not in q.question, q.question  # the field's name is not a word: questions say "category"
+    assert any("category" in q.question for q in questions if q.subtask == "attribute_prediction")
 
 
 def test_the_title_tokens_are_each_items_text_bag(prepared):
