@@ -84,11 +84,18 @@ class QFormer(nn.Module):
         return self.proj(self.norm(q))
 
 
-def candidate_scores(logits: torch.Tensor, input_ids: torch.Tensor, cand_mask: torch.Tensor) -> torch.Tensor:
-    """[N] mean log-probability of each row's candidate tokens (`cand_mask`) given everything before them."""
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    mask = cand_mask[:, 1:].float()
-    return (logp * mask).sum(1) / mask.sum(1).clamp(min=1)
+def candidate_scores(logits: torch.Tensor, input_ids: torch.Tensor, cand_mask: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """[N] mean log-probability of each row's candidate tokens (`cand_mask`) given everything before them.
+
+    `logits` [N, T - offset, V] are the outputs at positions offset.. (each predicts the next token);
+    the softmax runs only where a candidate token is predicted.
+    """
+    target, mask = input_ids[:, offset + 1 :], cand_mask[:, offset + 1 :]
+    picked = logits[:, :-1][mask].float()  # [M, V]: the positions right before candidate tokens
+    logp = F.log_softmax(picked, dim=-1).gather(-1, target[mask][:, None]).squeeze(-1)
+    rows = torch.nonzero(mask)[:, 0]
+    sums = torch.zeros(len(input_ids), device=logits.device).index_add_(0, rows, logp)
+    return sums / mask.sum(1).clamp(min=1)
 
 
 def ranked_choice(scores: torch.Tensor, row_question: torch.Tensor, n_questions: int) -> torch.Tensor:
@@ -214,7 +221,7 @@ class UQAAlign(L.LightningModule):
         """User vectors [B, W] float32: the soft tokens' mean (align modes; event batches) or the LLM's last layer over the user's text."""
         if self.adapter is not None:
             return self.soft_tokens(batch).mean(1).float()
-        out = self(batch, output_hidden_states=True)
+        out = self(batch, output_hidden_states=True, logits_to_keep=1)  # the LM head is not needed here
         return masked_mean(out.hidden_states[-1].float(), batch["attention_mask"].bool())
 
     # ---------------------------------------------------------------- scoring
@@ -222,14 +229,14 @@ class UQAAlign(L.LightningModule):
     @torch.no_grad()
     def score(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per question of a scoring batch: (likelihood ranking right [Q] bool, greedy next token after the prompt [Q], prompt tokens [Q])."""
-        logits = self(batch).logits
+        offset = int(batch["prompt_len"].min()) - 1  # the LM head runs only from the last prompt position of the shortest prompt on
+        logits = self(batch, logits_to_keep=batch["input_ids"].shape[1] - offset).logits
         n = len(batch["index"])
         rows = batch["row_question"]
-        chosen = ranked_choice(candidate_scores(logits, batch["input_ids"], batch["cand_mask"]), rows, n)
+        chosen = ranked_choice(candidate_scores(logits, batch["input_ids"], batch["cand_mask"], offset), rows, n)
         right = torch.zeros(n, dtype=torch.bool, device=logits.device).index_put_((rows[chosen],), batch["gold"][chosen])
         first = torch.zeros(n, dtype=torch.long, device=logits.device).scatter_reduce(0, rows, torch.arange(len(rows), device=rows.device), "amin", include_self=False)
-        last_prompt = batch["prompt_len"][first] - 1
-        greedy = logits[first, last_prompt].argmax(-1)
+        greedy = logits[first, batch["prompt_len"][first] - 1 - offset].argmax(-1)
         return right, greedy, batch["prompt_len"][first]
 
     def run_metrics(self, datamodule) -> dict[str, float]:
