@@ -241,3 +241,28 @@ def test_encoder_run_on_other_data_is_refused(encoder_out, events, tmp_path):
         with pytest.raises(ValueError, match=key) as err:
             encoder_run("uqa_trm_ml100k", str(other.parents[1]), meta)
         assert "\n" not in str(err.value) and str(other) in str(err.value)
+
+
+# ---------------------------------------------------------------- next_item_rec's held-out metrics (issue 17, item 2)
+
+
+def test_next_item_val_is_the_second_to_last_item_and_test_the_last(encoder_out, events):
+    """val/ reads each val user's history without its last item exactly as if that item did not exist; test/ the last item."""
+    from experiments.finished_run import load_run
+    from experiments.rundirs import latest_run
+    from datamodules.sequences import Collator
+
+    module = load_run(latest_run(encoder_out, "uqa_trm_ml100k")).module.eval()
+    rows = [int(r) for r in events.data.is_val.nonzero()[0][:16]]
+    batch = Collator(events.data.store)(rows)
+    with torch.no_grad():
+        val = module.heldout_metrics(*module.states(batch), skip=1)
+        shorter = {**batch, "lengths": batch["lengths"] - 1}
+        again = module.heldout_metrics(*module.states(shorter), skip=0)
+        test = module.heldout_metrics(*module.states(batch), skip=0)
+    for k in val:
+        torch.testing.assert_close(val[k], again[k])
+    assert set(val) == {"recall@10", "ndcg@10", "recall@20", "ndcg@20"} and 0 < len(test["recall@10"]) <= len(rows)  # users with a real last item
+    out = module.run_metrics(events)
+    assert {"val/recall@10", "val/ndcg@10", "test/recall@10", "test/ndcg@10"} <= set(out)
+    assert all(0 < out[f"{split}/heldout_users"] <= events.data.is_val.sum() for split in ("val", "test"))
