@@ -39,6 +39,11 @@ def build_datamodule(config: Any, events: Any, train: bool = True) -> Any:
         from lit_modules.instruct_ue import load_tokenizers
 
         return InstructDataModule(events, *load_tokenizers(config), config, train=train)
+    if config.inputs == "uqa":  # UQAAlign: UQABench questions to train and score, event batches or user texts to embed
+        from datamodules.uqa_batches import UQADataModule
+        from lit_modules.lm import load_tokenizer
+
+        return UQADataModule(events, load_tokenizer(config.model_path), config, train=train)
     if config.inputs != "text":
         raise ValueError(f"model.name={config.name}: inputs {config.inputs!r} are not read through a DataModule")
     from datamodules.datamodule import TextDataModule

@@ -27,7 +27,8 @@ from experiments.rundirs import RUN_DIR_ENV, launched_as_rank_zero, resume_dir
 
 log = logging.getLogger("experiments.run")
 TABLE_GROUPS = ("probe_test/", "downstream_test/")  # what tables report; *_val/ is for selection only
-EVAL_GROUPS = ("probe_val", "probe_test", "downstream_val", "downstream_test", "baseline", "instructed", "tuned")
+EVAL_GROUPS = ("probe_val", "probe_test", "downstream_val", "downstream_test", "baseline", "instructed", "tuned", "test", "qa", "qa_prefix")
+METHOD_GROUPS = ("val/recall@", "val/ndcg@", "test/", "qa/", "qa_prefix/")  # a method's own metrics (run_metrics), printed under the table
 
 
 @dataclass
@@ -216,6 +217,8 @@ def run(cfg: DictConfig, command: str | None = None, extra_callbacks: list | Non
         metrics.update(module.embed_stats() if hasattr(module, "embed_stats") else {})  # e.g. how many events an LM read per user
     if not writer:  # another rank of a distributed run: rank 0 evaluates once and writes
         return None
+    if module is not None and hasattr(module, "run_metrics"):  # the method's own held-out metrics (best weights): test/recall@K, qa/...
+        metrics.update(module.run_metrics(datamodule))
 
     from evaluation.baselines import baseline_embeddings
     from evaluation.evaluate import evaluate
@@ -286,7 +289,16 @@ def print_table(result: RunResult) -> None:
         a, b = ("auc", "ks") if probe else ("auroc", "score")
         cells = [f"{row.get(f'{key}/{a}', float('nan')):.3f} / {row.get(f'{key}/{b}', float('nan')):.3f}" for row in result.rows.values()]
         table.add_row(key.split("/", 1)[1] + ("" if probe else " (MLP)"), *cells)
-    Console(width=max(100, 24 * (len(result.rows) + 1))).print(table)
+    console = Console(width=max(100, 24 * (len(result.rows) + 1)))
+    console.print(table)
+    own = {k: v for k, v in result.metrics.items() if k.startswith(METHOD_GROUPS)}
+    if own:  # next-item Recall/NDCG, UQABench QA accuracy: the method's own held-out metrics
+        extra = Table(title="The method's own held-out metrics")
+        extra.add_column("metric")
+        extra.add_column(next(iter(result.rows)), justify="right")
+        for k in sorted(own):
+            extra.add_row(k, f"{own[k]:.0f}" if k.endswith(("users", "questions")) else f"{own[k]:.3f}")
+        console.print(extra)
 
 
 def check_accelerator(accelerator: str | None) -> None:

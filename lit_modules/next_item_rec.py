@@ -23,7 +23,11 @@ from lit_modules.seq_encoders import ItemInput, build_encoder, pool
 
 
 class NextItemRec(L.LightningModule):
-    """Item input -> causal encoder -> next-item loss at every position; Recall@K / NDCG@K on val users' last items.
+    """Item input -> causal encoder -> next-item loss at every position; Recall@K / NDCG@K on val users' held-out items.
+
+    Held-out items follow leave-one-out: each epoch logs val/recall@K and val/ndcg@K of every val
+    user's second-to-last item; after fit, `run_metrics` adds them to metrics.json together with
+    test/recall@K and test/ndcg@K of the last item, which no per-epoch metric reads.
 
     Arguments: the keys of `NextItemRecConfig` (docs there) plus what its `data_args` derives:
     `n_items` and `side_sizes` (vocabulary sizes) and the per-item tables `side_table`
@@ -140,12 +144,38 @@ class NextItemRec(L.LightningModule):
             return {"next_item": F.cross_entropy(torch.cat([true, neg], dim=1), zeros)}
         return {"next_item": F.cross_entropy(self.scores(out), target)}
 
-    def heldout_metrics(self, items: torch.Tensor, lengths: torch.Tensor, h: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per user with a real last item and an event before it: Recall@K and NDCG@K of that item from the state before it."""
-        keep = (lengths >= 2) & (items[torch.arange(len(lengths), device=h.device), lengths - 1] >= FIRST_ID)
+    def heldout_metrics(self, items: torch.Tensor, lengths: torch.Tensor, h: torch.Tensor, skip: int = 0) -> dict[str, torch.Tensor]:
+        """Per user with a real held-out item and an event before it: Recall@K and NDCG@K of that item from the state before it.
+
+        The held-out item is the last (`skip=0`) or the one `skip` events before it: the causal
+        state before it has read nothing after it, whatever follows in the batch.
+        """
+        last = lengths - 1 - skip
+        keep = (last >= 1) & (items[torch.arange(len(lengths), device=h.device), last.clamp(min=0)] >= FIRST_ID)
         rows = torch.nonzero(keep).squeeze(1)
-        target = items[rows, lengths[rows] - 1]
-        return recall_ndcg(self.scores(h[rows, lengths[rows] - 2]), target, self.hparams.top_k)
+        target = items[rows, last[rows]]
+        return recall_ndcg(self.scores(h[rows, last[rows] - 1]), target, self.hparams.top_k)
+
+    @torch.no_grad()
+    def run_metrics(self, datamodule) -> dict[str, float]:
+        """With the current (best val/loss) weights, over every val user: `val/recall@K`, `val/ndcg@K` of the second-to-last
+        item (what the validation loop logs each epoch) and `test/recall@K`, `test/ndcg@K` of the last item, which no
+        selection metric reads (val/loss does read it, as one position among each val user's others)."""
+        was_training = self.training
+        self.eval()
+        sums: dict[str, float] = {}
+        counts = {"val": 0, "test": 0}
+        for batch in datamodule.val_dataloader():
+            items, lengths, h = self.states(batch)
+            for split, skip in (("val", 1), ("test", 0)):
+                metrics = self.heldout_metrics(items, lengths, h, skip)
+                counts[split] += len(next(iter(metrics.values())))
+                for name, per_user in metrics.items():
+                    sums[f"{split}/{name}"] = sums.get(f"{split}/{name}", 0.0) + float(per_user.sum())
+        self.train(was_training)
+        out = {k: v / counts[k.split("/")[0]] for k, v in sums.items() if counts[k.split("/")[0]]}
+        out.update({f"{split}/heldout_users": float(n) for split, n in counts.items()})
+        return out
 
     # ---------------------------------------------------------------- lightning
 
@@ -155,7 +185,7 @@ class NextItemRec(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         items, lengths, h = self.states(batch)
         loss = log_losses(self, self.losses(batch, computed=(items, lengths, h)), "val", len(lengths))
-        metrics = self.heldout_metrics(items, lengths, h)
+        metrics = self.heldout_metrics(items, lengths, h, skip=1)  # the second-to-last item: the last is test/ (run_metrics)
         n = len(next(iter(metrics.values())))
         if n:
             for name, per_user in metrics.items():

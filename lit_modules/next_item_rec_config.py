@@ -100,7 +100,7 @@ class NextItemRecConfig:
     pooling: str = "last"
     """User vector: last (state at the last real event) | mean (over the real events)."""
     top_k: list[int] = field(default_factory=lambda: [10, 20])
-    """Cutoffs K of val/recall@K and val/ndcg@K on each val user's held-out last item."""
+    """Cutoffs K of Recall@K and NDCG@K: val/ on each val user's second-to-last item, test/ on the last (metrics.json)."""
     lr: float = 1e-3
     """Learning rate (AdamW)."""
     weight_decay: float = 0.0

@@ -18,6 +18,7 @@ from lit_modules.lightfm_block_config import LightFMConfig
 from lit_modules.llm4es_config import LLM4ESConfig, LMFeaturesConfig
 from lit_modules.next_event_gpt_config import NextEventGPTConfig
 from lit_modules.next_item_rec_config import NextItemRecConfig
+from lit_modules.uqa_align_config import UQAAlignConfig
 
 
 @dataclass(frozen=True)
@@ -41,5 +42,6 @@ METHODS: dict[str, Method] = {
     "ials": Method(IALSConfig, "lit_modules.ials:IALS"),
     "lightfm": Method(LightFMConfig, "lit_modules.lightfm_block:LightFMBlock"),
     "instruct_ue": Method(InstructUEConfig, "lit_modules.instruct_ue:InstructUEJoint"),
+    "uqa_align": Method(UQAAlignConfig, "lit_modules.uqa_align:UQAAlign"),
     "ensemble": Method(EnsembleConfig, None),
 }

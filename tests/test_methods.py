@@ -36,9 +36,9 @@ def test_registry_presets_and_module_files_in_sync():
     assert used == set(METHODS), "every registered method needs a model preset, and every preset a registered method"
     for name, method in METHODS.items():
         assert method.config().name == name
-        assert method.config.inputs in ("events", "text", "instruct", "runs")
+        assert method.config.inputs in ("events", "text", "instruct", "uqa", "runs")
         assert (method.module is None) == (method.config.inputs == "runs"), name
-        if method.config.inputs in ("text", "instruct"):
+        if method.config.inputs in ("text", "instruct", "uqa"):
             assert set(method.config.data_keys) <= {f.name for f in dataclasses.fields(method.config)}
 
 
@@ -83,7 +83,13 @@ def test_every_model_preset_builds_and_reaches_the_module_unchanged(preset, csv_
     experiment = experiments_by_model_preset()[preset]
     data = data_args_for(experiment_source(experiment), csv_data, ml100k_cache, recsys_dir, tmp_path)
     raw = yaml.safe_load((CONFIG_DIR / "model" / f"{preset}.yaml").read_text())
-    cfg = compose([f"experiment={experiment}", f"model={preset}", *data, *(f"{k}=/dev/null" for k in unset_keys(raw, "model"))])
+    extra = []
+    if raw.get("encoder_experiment"):  # UQAAlign reads a finished encoder run: a one-step one made here
+        from experiments.run import run
+
+        run(compose([f"experiment={raw['encoder_experiment']}", *data, "trainer.fast_dev_run=true", "logger.wandb=false", f"output_dir={tmp_path / 'out'}"]))
+        extra = [f"model.output_dir={tmp_path / 'out'}"]
+    cfg = compose([f"experiment={experiment}", f"model={preset}", *data, *(f"{k}=/dev/null" for k in unset_keys(raw, "model")), *extra])
     config = OmegaConf.to_object(cfg.model)
     prepared = prepare(to_dataclass(cfg.data, DataConfig), cfg.seed)
     kwargs = constructor_args(config, prepared)

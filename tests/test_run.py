@@ -30,6 +30,8 @@ def backbone_args(experiment: str, tiny_minilm_dir, tiny_causal_lm_dir) -> list[
     all 943 users); a rewriter left to the user (???) a tiny Llama. The real MiniLM loads in tests/test_llm4es.py."""
     model = experiment_section(experiment, "model")
     args = []
+    if model["name"] == "uqa_align":  # the LLM that reads the soft prompt or the TextN prompt
+        args += [f"model.model_path={tiny_minilm_dir}"]
     if model["name"] in ("llm4es", "lm_features"):
         args += [f"model.model_path={tiny_minilm_dir}", "model.max_tokens=128"]  # the header and at least one event in every format
     if model["name"] == "instruct_ue":  # the tiny MiniLM as both the LLM and the modality encoder
@@ -84,6 +86,9 @@ def smoke_run(name: str, smoke_runs: dict, data_fixtures: tuple, backbones: tupl
         for block in cfg.model.blocks:
             smoke_run(block.experiment, smoke_runs, data_fixtures, backbones, tmp_path)
         cfg = compose(args + [f"model.output_dir={smoke_runs['out']}"])
+    if cfg.model.name == "uqa_align" and cfg.model.mode != "text":  # its frozen encoder is a finished run: make it first
+        smoke_run(cfg.model.encoder_experiment, smoke_runs, data_fixtures, backbones, tmp_path)
+        cfg = compose(args + [f"model.output_dir={smoke_runs['out']}"])
     smoke_runs["runs"][name] = cfg, run(cfg)
     return smoke_runs["runs"][name]
 
@@ -99,6 +104,9 @@ def test_every_experiment_smoke_runs(
         key = f"downstream_test/{t.name}/score" if t.kind == "propensity_top" else f"probe_test/{t.name}/auc"
         assert np.isfinite(result.metrics[key]), key
     assert (result.run_dir / "metrics.json").is_file() and (result.run_dir / "embeddings.parquet").is_file()
+    own = {"next_item_rec": ["val/recall@10", "test/recall@10", "test/ndcg@10"], "uqa_align": ["qa/overall/acc", "qa_prefix/overall/acc", "qa/prompt_tokens"]}
+    for key in own.get(cfg.model.name, []):  # the method's own held-out metrics land in metrics.json
+        assert np.isfinite(json.loads((result.run_dir / "metrics.json").read_text())[key]), key
     assert_instruction_rows(cfg, result.run_dir)
     if name in first_experiment_of_each_method():
         assert_embeds_its_own_users_again(result.run_dir, cfg)
