@@ -44,12 +44,14 @@ def backbone_args(experiment: str, tiny_minilm_dir, tiny_causal_lm_dir) -> list[
 def smoke_size_args(experiment: str) -> list[str]:
     """Paper-size GRU autoencoders shrunk for the smoke run: the experiment's data, layers and options stay, the widths go to 32.
     The frozen LM reads 8 events per user instead of 64: still several 128-token windows each, an eighth of the forward passes.
-    Instruction tuning tunes the preset's first target only."""
+    Instruction tuning tunes the preset's first target only; UQABench alignment asks two of the seven sub-tasks."""
     model = experiment_section(experiment, "model")
     if model["name"] == "gru_autoencoder" and model.get("hidden", 0) > 128:
         return ["model.hidden=32", "model.emb_dim=32"]
     if model["name"] == "lm_features":
         return ["model.max_events=8"]
+    if model["name"] == "uqa_align":  # two sub-tasks (one per kind of answer: a value, a count) score the whole path
+        return ["model.subtasks=[direct_feature,match_feature]"]
     if model.get("tuned_targets"):  # one tuned target shows the whole path; each more costs a tuning loop and an embedding pass
         return [f"model.tuned_targets=[{model['tuned_targets'][0]}]"]
     return []
