@@ -6,8 +6,10 @@ torch-free) registered in `lit_modules/registry.py`:
 - Inputs, declared by the config's `inputs` class attribute: "events" (batches of
   `datamodules.sequences.Collator`: index, lengths, tokens, values, codes), "text"
   (batches of `datamodules.text` builders: index, input_ids, attention_mask, labels, ...;
-  config keys listed in `data_keys` go to the TextDataModule), or "runs" (nothing to
-  train: embeddings assembled from finished runs). Every batch carries `index`, the store
+  config keys listed in `data_keys` go to the TextDataModule), "instruct" (InstructUE:
+  UserQA triples to train, histories with an instruction to embed), "uqa" (UQABench
+  alignment: personal questions over a frozen encoder's inputs or a TextN prompt), or "runs"
+  (nothing to train: embeddings assembled from finished runs). Every batch carries `index`, the store
   row of each user, so embeddings land on the right user whatever the batch order.
 - Constructor: exactly the config's keys (but `name` and `data_keys`), with the same
   defaults, plus what the config's optional `data_args(prepared)` derives from the data
@@ -22,6 +24,9 @@ torch-free) registered in `lit_modules/registry.py`:
   their factors in the constructor from `data_args` and report `fit_seconds`).
 - Losses: logged through `log_losses` only: `<stage>/loss` (`val/loss` is what checkpoints
   and early stopping monitor) and `<stage>/loss_<part>` (what the non-finite guard names).
+- Optional extras the run writes to metrics.json: `embed_stats()` (a frozen extractor's
+  reading counts) and `run_metrics(datamodule)` (the method's own held-out metrics with the
+  best weights: next-item Recall/NDCG, UQABench QA accuracy), printed under the probe table.
 - May override `configure_optimizers`; a warmup/cosine schedule comes from `adamw_with_schedule`.
 """
 
