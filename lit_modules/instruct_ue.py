@@ -19,6 +19,10 @@ matrix stays trainable with every gradient but `<USER>`'s zeroed (and no weight 
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import time
+from collections.abc import Iterable
 from typing import Any
 
 import lightning.pytorch as L
@@ -31,6 +35,8 @@ from lit_modules.instruct_ue_config import check_instruct_ue
 from lit_modules.instruct_ue_loss import answer_lm_loss, masked_info_nce
 from lit_modules.llm4es import last_real, masked_mean, padded_position_ids
 from lit_modules.lm import MINILM, load_causal_lm, load_tokenizer, resolve_model_path, with_lora
+
+log = logging.getLogger(__name__)
 
 
 def llm_tokenizer(model_path: str) -> Any:
@@ -142,6 +148,7 @@ class InstructUEJoint(L.LightningModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         attn_implementation: str | None = None,
+        encoder_cache: bool = True,
     ):
         super().__init__()
         betas = [float(b) for b in betas]  # plain types for save_hyperparameters: weights_only=True loading
@@ -170,6 +177,9 @@ class InstructUEJoint(L.LightningModule):
             self.encoder = AutoModel.from_pretrained(path, local_files_only=True, is_decoder=False, add_pooling_layer=False)
             self.encoder.requires_grad_(train_encoder)
             self.source_adapters = nn.ModuleList(nn.Linear(self.encoder.config.hidden_size, hidden) for _ in range(n_sources))
+        # a frozen encoder's chunk means are a pure function of a source's token ids: kept per distinct input
+        # (not a buffer: never saved, emptied whenever weights are loaded)
+        self.encoder_cache: dict[bytes, torch.Tensor] | None = {} if self.encoder is not None and encoder_cache and not train_encoder else None
         if modality_encoders and use_tabular:
             self.standardize = Standardizer(n_tabular)
             self.tabular_adapter = nn.Sequential(nn.Linear(n_tabular, hidden), nn.GELU(), nn.Linear(hidden, k * hidden))
@@ -181,13 +191,65 @@ class InstructUEJoint(L.LightningModule):
             self.encoder.eval()
         return self
 
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Loading weights empties the encoder cache: its entries came from the encoder weights loaded before."""
+        if self.encoder_cache:
+            self.encoder_cache.clear()
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def encode_sources(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[N, k, De] float32: the encoder's states of N source texts cut into k chunks and averaged (`chunk_means`)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.hparams.train_encoder):
+            states = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+            return chunk_means(states.float(), mask.bool(), self.hparams.soft_tokens)
+
+    @staticmethod
+    def cache_keys(ids: torch.Tensor, mask: torch.Tensor) -> list[bytes]:
+        """One key per row: a 16-byte digest of its real (unpadded) token ids."""
+        ids, lengths = ids.cpu().numpy(), mask.sum(1).cpu().numpy()
+        return [hashlib.blake2b(ids[i, : lengths[i]].astype("int64").tobytes(), digest_size=16).digest() for i in range(len(ids))]
+
+    def cached_sources(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """`encode_sources` through the cache: rows never seen are encoded together (trimmed to their longest) and kept."""
+        keys = self.cache_keys(ids, mask)
+        cache = self.encoder_cache
+        missing = list(dict.fromkeys(i for i, key in enumerate(keys) if key not in cache))
+        if missing:
+            rows = torch.tensor(missing, device=ids.device)
+            width = int(mask[rows].sum(1).max())
+            with torch.no_grad():
+                out = self.encode_sources(ids[rows, :width], mask[rows, :width]).cpu()
+            for j, i in enumerate(missing):
+                cache.setdefault(keys[i], out[j].clone())
+        return torch.stack([cache[key] for key in keys]).to(ids.device)
+
+    @torch.no_grad()
+    def fill_encoder_cache(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> int:
+        """Encode every (ids, mask) batch of source texts into the cache up front (eval mode); returns the entries added."""
+        if self.encoder_cache is None:
+            return 0
+        before = len(self.encoder_cache)
+        self.encoder.eval()
+        for ids, mask in batches:
+            self.cached_sources(ids.to(self.device), mask.to(self.device))
+        return len(self.encoder_cache) - before
+
+    def on_fit_start(self) -> None:
+        """Fill the encoder cache with every source text the datamodule will feed (training, validation, embedding)."""
+        dm = getattr(self.trainer, "datamodule", None)
+        if self.encoder_cache is not None and hasattr(dm, "encoder_batches"):
+            started = time.perf_counter()
+            added = self.fill_encoder_cache(dm.encoder_batches())
+            log.info("encoder cache: %d distinct source texts encoded in %.0f s before training", added, time.perf_counter() - started)
+
     def soft_inputs(self, batch: dict) -> torch.Tensor | None:
         """[B, blocks * k, H]: each source's soft tokens in input order, the tabular block's last; None in text-only mode."""
         k, parts = self.hparams.soft_tokens, []
         if self.encoder is not None:
-            with torch.set_grad_enabled(torch.is_grad_enabled() and self.hparams.train_encoder):
-                states = self.encoder(input_ids=batch["enc_ids"], attention_mask=batch["enc_mask"]).last_hidden_state
-            chunks = chunk_means(states.float(), batch["enc_mask"].bool(), k)  # [B * S, k, De]
+            if self.encoder_cache is not None:
+                chunks = self.cached_sources(batch["enc_ids"], batch["enc_mask"])
+            else:
+                chunks = self.encode_sources(batch["enc_ids"], batch["enc_mask"])  # [B * S, k, De]
             chunks = chunks.view(len(batch["index"]), len(self.source_adapters), k, -1)
             parts += [adapter(chunks[:, s]) for s, adapter in enumerate(self.source_adapters)]
         if self.tabular_adapter is not None:

@@ -203,3 +203,35 @@ def test_a_run_writes_and_probes_each_targets_instructed_embeddings(recsys_dir, 
     instructed = {k.split("/")[2] for k in metrics if k.startswith("instructed/")}
     assert instructed == {"churn", "propensity_category"}  # each target probed on its own instruction only
     assert (result.run_dir / "embeddings_propensity_category.parquet").is_file()
+
+
+def test_the_encoder_cache_gives_the_uncached_embeddings_and_losses(events, tiny_minilm_dir):
+    """Cached chunk means (filled up front, shortest texts first, or on a miss) equal the encoder run on the batch itself."""
+    cached, dm = build(events, tiny_minilm_dir)
+    plain, _ = build(events, tiny_minilm_dir, encoder_cache=False)
+    assert plain.encoder_cache is None and cached.encoder_cache == {}
+    plain.load_state_dict(cached.state_dict())
+    cached.eval(), plain.eval()
+    loader = dm.instruction_loader("Which genres does this user prefer?")
+    batches = [b for _, b in zip(range(2), loader)]
+    with torch.no_grad():
+        lazy = torch.cat([cached.embed(b) for b in batches])  # misses: encoded with this batch's rows only
+        assert len(cached.encoder_cache) == sum(len(b["index"]) for b in batches)  # ml100k: one source per user
+        again = torch.cat([cached.embed(b) for b in batches])  # hits
+        expected = torch.cat([plain.embed(b) for b in batches])
+    torch.testing.assert_close(lazy, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(again, lazy, rtol=0, atol=0)
+    texts = dm.encoder_texts()
+    rows = {t.row for t in dm.triples()}
+    assert len(texts) >= len(rows) == len(events.data.store)  # every user's whole history, plus the predictive cuts
+    cached.load_state_dict(cached.state_dict())  # loading weights empties the cache
+    assert cached.encoder_cache == {}
+    added = cached.fill_encoder_cache(dm.encoder_batches(texts))
+    assert added == len(cached.encoder_cache) == len(texts)
+    train = first_batch(dm.train_dataloader())
+    with torch.no_grad():
+        torch.testing.assert_close(torch.cat([cached.embed(b) for b in batches]), expected, rtol=0, atol=1e-6)
+        cached_loss, plain_loss = cached.losses(train), plain.losses(train)
+    assert len(cached.encoder_cache) == len(texts)  # every training input was filled up front: no miss
+    for part in plain_loss:
+        torch.testing.assert_close(cached_loss[part], plain_loss[part], rtol=0, atol=1e-5)
