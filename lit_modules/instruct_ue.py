@@ -12,6 +12,10 @@ user vector is the final-layer state at `<USER>` (pooling "mean": the mean over 
 token); the answer vector is the same LLM's last-token state on the answer alone. Causal
 attention means the answer after `<USER>` in training never changes the user vector.
 
+A frozen encoder's chunk means are cached per distinct source text (`model.encoder_cache`, filled and saved
+to disk before training, see `on_fit_start`), and the answer loss runs the LM head only at answer positions
+(`answer_head`): a training step costs the adapters and the LLM, not the encoder.
+
 `<USER>` is a real added special token: the tokenizer grows, the embedding matrix grows when it
 has no spare row (new rows start at the mean embedding) and the row trains: with LoRA the
 matrix stays trainable with every gradient but `<USER>`'s zeroed (and no weight decay on it).

@@ -1,14 +1,17 @@
 """`python -m lit_modules.instruct_ue_speed experiment=NAME [key=value ...] [--steps N] [--profile]`: InstructUE's
-training steps per second on an experiment's real data and model, with and without the encoder cache, side by side.
+training steps per second on an experiment's real data and model, before and after the speed-ups, side by side.
 
 Builds the module and DataModule exactly as `experiments.run` does, takes the training loader's first
-N + 1 batches and times optimizer steps (loss, backward, AdamW step) on them twice, interleaved in
-one process so both sides see the same machine load: once with `model.encoder_cache` (the batches'
-source texts already in the cache, as `on_fit_start` leaves them in a run) and once with the encoder
-reading every source (the cache switched off). The first batch is a warm-up step of each side, not
-timed. `--fill` also times filling the cache with every source text of the run (what a run pays once
+N + 1 batches and times optimizer steps (loss, backward, AdamW step) on each batch three ways,
+interleaved in one process so every side sees the same machine load:
+  before: the encoder reads every source, the LM head runs at every position from the first <USER> on
+          (the code before the speed-ups);
+  cache:  the batches' source texts already in `model.encoder_cache` (as `on_fit_start` leaves them in
+          a run), the LM head still at every position;
+  after:  the cache and the LM head at answer positions only (`InstructUEJoint.answer_head`), as a run trains.
+The first batch is a warm-up step of each side, not timed. `--fill` also times filling the cache with every source text of the run (what a run pays once
 before training; minutes with the real MiniLM). `--profile` prints cProfile's top functions of the
-cached steps (cumulative time).
+`after` steps (cumulative time).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="experiment=NAME and key=value overrides, as experiments.run takes them")
     parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps of each side after the warm-up")
     parser.add_argument("--fill", action="store_true", help="also time filling the cache with every source text of the run")
-    parser.add_argument("--profile", action="store_true", help="print cProfile's top 25 functions of the cached steps")
+    parser.add_argument("--profile", action="store_true", help="print cProfile's top 25 functions of the `after` steps")
     args = parser.parse_args(argv)
 
     import lightning.pytorch as L
@@ -58,8 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     module.fill_encoder_cache((b["enc_ids"], b["enc_mask"]) for b in batches)
     module.train()
 
-    def step(batch: dict, cached: bool) -> float:
-        module.encoder_cache = cache if cached else None
+    head = module.answer_head()
+    sides = {"before": (None, None), "cache": (cache, None), "after": (cache, head)}
+
+    def step(batch: dict, side: str) -> float:
+        module.encoder_cache, module._head = sides[side]
         t0 = time.perf_counter()
         loss = sum(module.losses(batch).values())
         optimizer.zero_grad()
@@ -67,22 +73,22 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.step()
         return time.perf_counter() - t0
 
-    step(batches[0], True), step(batches[0], False)  # warm-up of both paths
+    for side in sides:  # warm-up of every path
+        step(batches[0], side)
     profiler = cProfile.Profile() if args.profile else None
-    seconds = {True: [], False: []}
+    seconds: dict[str, list[float]] = {side: [] for side in sides}
     for batch in batches[1:]:
-        for cached in (False, True):
-            if profiler and cached:
+        for side in sides:
+            if profiler and side == "after":
                 profiler.enable()
-            seconds[cached].append(step(batch, cached))
-            if profiler and cached:
+            seconds[side].append(step(batch, side))
+            if profiler and side == "after":
                 profiler.disable()
-    module.encoder_cache = cache
-    for cached in (False, True):
-        total = sum(seconds[cached])
-        each = ", ".join(f"{s:.2f}" for s in seconds[cached])
-        print(f"encoder cache {'on ' if cached else 'off'}: {args.steps} steps in {total:.2f} s = {args.steps / total:.3f} steps/s ({each} s)")
-    print(f"speed-up {sum(seconds[False]) / sum(seconds[True]):.2f}x; batch size {cfg.data.batch_size}")
+    module.encoder_cache, module._head = cache, head
+    for side, times in seconds.items():
+        each = ", ".join(f"{s:.2f}" for s in times)
+        print(f"{side:>6}: {args.steps} steps in {sum(times):.2f} s = {args.steps / sum(times):.3f} steps/s ({each} s)")
+    print(f"speed-up after/before {sum(seconds['before']) / sum(seconds['after']):.2f}x; batch size {cfg.data.batch_size}")
     if profiler:
         out = io.StringIO()
         pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(25)
