@@ -199,10 +199,13 @@ class InstructUEJoint(L.LightningModule):
         return self
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
-        """Loading weights empties the encoder cache: its entries came from the encoder weights loaded before."""
-        if self.encoder_cache:
+        """Loading other encoder weights empties the encoder cache (its entries came from the weights before); loading the
+        same frozen encoder (the best checkpoint after fit) keeps it."""
+        before = self.encoder_identity() if self.encoder_cache else None
+        out = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if before is not None and self.encoder_identity() != before:
             self.encoder_cache.clear()
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        return out
 
     def encode_sources(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[N, k, De] float32: the encoder's states of N source texts cut into k chunks and averaged (`chunk_means`)."""

@@ -251,7 +251,7 @@ REPORTS["instructue"] = Report(
             data_note=ML100K_NOTE,
             rows=[*instructue_rows("ml100k"), ("GRU-AE", "gru_ae_ml100k"), ("LLM4ES", "llm4es")],
             columns=ML100K_AUC_KS,
-            baselines_from="instructue_tuned_ml100k",
+            baselines_from="gru_ae_ml100k",
             prefixes=IUE_PREFIXES,
         ),
         Section(
@@ -264,7 +264,7 @@ REPORTS["instructue"] = Report(
             ),
             rows=[*instructue_rows("recsys2025"), ("GRU-AE", "gru_ae_recsys2025")],
             columns=RECSYS_AUC_KS,
-            baselines_from="instructue_tuned_recsys2025",
+            baselines_from="gru_ae_recsys2025",
             extra_args=f"data.path={RECSYS_DATA}",
             prefixes=IUE_PREFIXES,
         ),
