@@ -185,7 +185,7 @@ class InstructUEJoint(L.LightningModule):
             self.encoder.requires_grad_(train_encoder)
             self.source_adapters = nn.ModuleList(nn.Linear(self.encoder.config.hidden_size, hidden) for _ in range(n_sources))
         # a frozen encoder's chunk means are a pure function of a source's token ids: kept per distinct input
-        # (not a buffer: never saved, emptied whenever weights are loaded)
+        # (not a buffer: never in a checkpoint; emptied when other encoder weights are loaded)
         self.encoder_cache: dict[bytes, torch.Tensor] | None = {} if self.encoder is not None and encoder_cache and not train_encoder else None
         if modality_encoders and use_tabular:
             self.standardize = Standardizer(n_tabular)

@@ -138,7 +138,7 @@ def log_figure_to_wandb(png: Path, run: Path, outputs: Path) -> str:
     wb.log({"report/instructue_tsne": wandb.Image(str(png))})
     where = wb.dir
     wb.finish()
-    return f"also logged to W&B as `report/instructue_tsne` (a {mode} run of project `{project}`, job type `report`, under `{Path(where).parent}`)."
+    return f"also logged to W&B as `report/instructue_tsne` (an {mode} run of project `{project}`, job type `report`, under `{Path(where).parent}`)."
 
 
 def main(argv: list[str] | None = None) -> int:

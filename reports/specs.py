@@ -199,7 +199,7 @@ def instructue_rows(data: str) -> list[tuple[str, str]]:
 PAPER_INSTRUCTUE = (
     "These are the InstructUE paper's figures on Alipay's business tasks (Qwen2.5-0.5B-Instruct with gte-base modality "
     "encoders on GPUs), data we do not have: they are not comparable with the tables above. Linear probe, AUC (%) / KS.\n\n"
-    "Table 2 of the InstructUE paper (selected rows: the strongest baselines and the three InstructUE variants):\n\n"
+    "Table 2 of the InstructUE paper (baselines and the three InstructUE variants):\n\n"
     "| model | Ant Forest click | game top-up | public transit | purchasing power | food pref. | film pref. |\n"
     "| --- | --- | --- | --- | --- | --- | --- |\n"
     "| Qwen2.5-0.5B | 83.49/0.5145 | 94.3/0.7720 | 61.85/0.1657 | 79.84/0.4373 | 74.56/0.3859 | 69.85/0.2940 |\n"

@@ -132,3 +132,21 @@ def test_the_instructue_figure_is_a_tsne_grid_of_the_runs_embeddings(ml100k_cach
     pl.DataFrame({"user_id": users[::-1], "embedding": rng.normal(size=(len(users), 8)).astype(np.float32)}).write_parquet(run / "embeddings.parquet")
     with pytest.raises(ValueError, match="not the prepared data's users"):
         build.instructue_tsne(run, tmp_path / "tsne2.png")
+
+
+def test_the_figure_is_logged_as_a_wandb_image_in_an_offline_run(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("logger:\n  project: my-project\n")
+    fig = Figure()
+    fig.subplots().plot([0, 1], [1, 0])
+    fig.savefig(tmp_path / "f.png")
+    said = build.log_figure_to_wandb(tmp_path / "f.png", run, tmp_path / "out")
+    assert "report/instructue_tsne" in said and "project `my-project`" in said
+    logged = list((tmp_path / "out" / "reports" / "instructue" / "wandb").glob("offline-run-*/files/media/images/report/instructue_tsne_*.png"))
+    assert len(logged) == 1 and logged[0].read_bytes()[:4] == b"\x89PNG"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert "not logged" in build.log_figure_to_wandb(tmp_path / "f.png", run, tmp_path / "out2")
