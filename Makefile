@@ -8,7 +8,7 @@ export WANDB_SILENT ?= true
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup run test test-slow clean report-encode-me report-llm4es sweep
+.PHONY: setup run test test-slow clean report-encode-me report-llm4es report-instructue sweep
 
 setup: $(STAMP)
 
@@ -67,3 +67,17 @@ report-encode-me: $(STAMP) $(RECSYS_DATA)/product_buy.parquet
 	for e in $(ENCODE_ME_ML100K); do $(BIN)/python -m experiments.run experiment=$$e || exit 1; done
 	for e in $(ENCODE_ME_RECSYS); do $(BIN)/python -m experiments.run experiment=$$e data.path=$(RECSYS_DATA) || exit 1; done
 	$(BIN)/python -m reports.build encode_me
+
+# Regenerate reports/instructue.md and reports/instructue_tsne.png: InstructUE's variants (one run: universal, instructed,
+# tuned) and its six ablations on ml100k and on a RecSys 2025 layout, the reference rows, then the report. Every run
+# under `nice -n 10`, so it yields to other jobs.
+INSTRUCTUE_ML100K := instructue_tuned_ml100k instructue_no_ntp_ml100k instructue_no_cl_ml100k instructue_mean_pool_ml100k \
+	instructue_no_tabular_ml100k instructue_no_sequence_ml100k instructue_text_only_ml100k gru_ae_ml100k llm4es
+INSTRUCTUE_RECSYS := instructue_tuned_recsys2025 instructue_no_ntp_recsys2025 instructue_no_cl_recsys2025 \
+	instructue_mean_pool_recsys2025 instructue_no_tabular_recsys2025 instructue_no_sequence_recsys2025 \
+	instructue_text_only_recsys2025 gru_ae_recsys2025
+
+report-instructue: $(STAMP) $(RECSYS_DATA)/product_buy.parquet
+	for e in $(INSTRUCTUE_ML100K); do nice -n 10 $(BIN)/python -m experiments.run experiment=$$e || exit 1; done
+	for e in $(INSTRUCTUE_RECSYS); do nice -n 10 $(BIN)/python -m experiments.run experiment=$$e data.path=$(RECSYS_DATA) || exit 1; done
+	$(BIN)/python -m reports.build instructue

@@ -142,6 +142,7 @@ class InstructDataModule(L.LightningDataModule):
         self.events, self.config = events, config
         self.tokenizer, self.encoder_tokenizer, self.user_token_id = tokenizer, encoder_tokenizer, user_token_id
         self._triples: tuple[Prepared, list[QATriple]] | None = None
+        self._train = train
         if train:
             known = [t.name for t in events.data.targets]
             for target in config.instructions:
@@ -197,6 +198,30 @@ class InstructDataModule(L.LightningDataModule):
         """Every user's whole history with `instruction` ("": universal), in store order; unsharded unless asked."""
         rows = np.arange(len(self.data.store))
         return self.loader(HistoryInputs(self.formatter(), rows, instruction), train=False, with_answers=False, shard=shard)
+
+    def encoder_texts(self) -> list[str]:
+        """Every distinct source text this datamodule feeds the modality encoder: the training and val triples' inputs and
+        every user's whole history (a source's text depends on the user and `end` only, never on the instruction)."""
+        if not (self.config.modality_encoders and self.config.use_sequence):
+            return []
+        formatter = self.formatter()
+        ends = {(t.row, t.end) for t in self.triples()} if self._train else set()
+        ends |= {(row, None) for row in range(len(self.data.store))}
+        texts = dict.fromkeys(t for row, end in sorted(ends, key=lambda x: (x[0], -1 if x[1] is None else x[1]))
+                              for t in formatter.user_input(row, end=end).sources.values())  # fmt: skip
+        return list(texts)
+
+    def encoder_batches(self, texts: Sequence[str] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(ids, mask) batches of the encoder's inputs for `texts` (default: `encoder_texts`), tokenized as the collator
+        does (newest `max_source_tokens` kept), shortest first so a batch carries little padding."""
+        texts = self.encoder_texts() if texts is None else list(texts)
+        if not texts:
+            return []
+        ids = self.encoder_tokenizer(texts, truncation=True, max_length=self.config.max_source_tokens)["input_ids"]
+        order = np.argsort([len(i) for i in ids], kind="stable")
+        size = max(self.events.cfg.batch_size, 32)
+        pad = self.encoder_tokenizer.pad_token_id
+        return [pad_rows([ids[i] for i in order[s : s + size]], pad) for s in range(0, len(order), size)]
 
     def instructed_loaders(self) -> dict[str, torch.utils.data.DataLoader]:
         """Probe target -> the loader of every user with that target's instruction (`model.instructions`)."""

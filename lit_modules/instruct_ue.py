@@ -12,6 +12,10 @@ user vector is the final-layer state at `<USER>` (pooling "mean": the mean over 
 token); the answer vector is the same LLM's last-token state on the answer alone. Causal
 attention means the answer after `<USER>` in training never changes the user vector.
 
+A frozen encoder's chunk means are cached per distinct source text (`model.encoder_cache`, filled and saved
+to disk before training, see `on_fit_start`), and the answer loss runs the LM head only at answer positions
+(`answer_head`): a training step costs the adapters and the LLM, not the encoder.
+
 `<USER>` is a real added special token: the tokenizer grows, the embedding matrix grows when it
 has no spare row (new rows start at the mean embedding) and the row trains: with LoRA the
 matrix stays trainable with every gradient but `<USER>`'s zeroed (and no weight decay on it).
@@ -19,6 +23,11 @@ matrix stays trainable with every gradient but `<USER>`'s zeroed (and no weight 
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import time
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as L
@@ -28,9 +37,11 @@ from torch import nn
 from datamodules.user_inputs import USER_TOKEN
 from lit_modules.contract import adamw_with_schedule, log_losses
 from lit_modules.instruct_ue_config import check_instruct_ue
-from lit_modules.instruct_ue_loss import answer_lm_loss, masked_info_nce
+from lit_modules.instruct_ue_loss import answer_lm_loss, answer_lm_loss_at, masked_info_nce
 from lit_modules.llm4es import last_real, masked_mean, padded_position_ids
 from lit_modules.lm import MINILM, load_causal_lm, load_tokenizer, resolve_model_path, with_lora
+
+log = logging.getLogger(__name__)
 
 
 def llm_tokenizer(model_path: str) -> Any:
@@ -142,6 +153,7 @@ class InstructUEJoint(L.LightningModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         attn_implementation: str | None = None,
+        encoder_cache: bool = True,
     ):
         super().__init__()
         betas = [float(b) for b in betas]  # plain types for save_hyperparameters: weights_only=True loading
@@ -161,6 +173,8 @@ class InstructUEJoint(L.LightningModule):
             weight.requires_grad_(True)
             weight.register_hook(lambda grad: grad * only_user.to(grad.device, grad.dtype))
         self.llm = llm.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes
+        self._head: Any = False  # answer_head(): not built yet
+        self._head_checked = False
         k = soft_tokens
         self.encoder = self.source_adapters = self.standardize = self.tabular_adapter = None
         if modality_encoders and use_sequence:
@@ -170,6 +184,9 @@ class InstructUEJoint(L.LightningModule):
             self.encoder = AutoModel.from_pretrained(path, local_files_only=True, is_decoder=False, add_pooling_layer=False)
             self.encoder.requires_grad_(train_encoder)
             self.source_adapters = nn.ModuleList(nn.Linear(self.encoder.config.hidden_size, hidden) for _ in range(n_sources))
+        # a frozen encoder's chunk means are a pure function of a source's token ids: kept per distinct input
+        # (not a buffer: never in a checkpoint; emptied when other encoder weights are loaded)
+        self.encoder_cache: dict[bytes, torch.Tensor] | None = {} if self.encoder is not None and encoder_cache and not train_encoder else None
         if modality_encoders and use_tabular:
             self.standardize = Standardizer(n_tabular)
             self.tabular_adapter = nn.Sequential(nn.Linear(n_tabular, hidden), nn.GELU(), nn.Linear(hidden, k * hidden))
@@ -181,13 +198,102 @@ class InstructUEJoint(L.LightningModule):
             self.encoder.eval()
         return self
 
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Loading other encoder weights empties the encoder cache (its entries came from the weights before); loading the
+        same frozen encoder (the best checkpoint after fit) keeps it."""
+        before = self.encoder_identity() if self.encoder_cache else None
+        out = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if before is not None and self.encoder_identity() != before:
+            self.encoder_cache.clear()
+        return out
+
+    def encode_sources(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[N, k, De] float32: the encoder's states of N source texts cut into k chunks and averaged (`chunk_means`)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.hparams.train_encoder):
+            states = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+            return chunk_means(states.float(), mask.bool(), self.hparams.soft_tokens)
+
+    @staticmethod
+    def cache_keys(ids: torch.Tensor, mask: torch.Tensor) -> list[bytes]:
+        """One key per row: a 16-byte digest of its real (unpadded) token ids."""
+        ids, lengths = ids.cpu().numpy(), mask.sum(1).cpu().numpy()
+        return [hashlib.blake2b(ids[i, : lengths[i]].astype("int64").tobytes(), digest_size=16).digest() for i in range(len(ids))]
+
+    def cached_sources(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """`encode_sources` through the cache: rows never seen are encoded together (trimmed to their longest) and kept."""
+        keys = self.cache_keys(ids, mask)
+        cache = self.encoder_cache
+        missing = list(dict.fromkeys(i for i, key in enumerate(keys) if key not in cache))
+        if missing:
+            rows = torch.tensor(missing, device=ids.device)
+            width = int(mask[rows].sum(1).max())
+            with torch.no_grad():
+                out = self.encode_sources(ids[rows, :width], mask[rows, :width]).cpu()
+            for j, i in enumerate(missing):
+                cache.setdefault(keys[i], out[j].clone())
+        return torch.stack([cache[key] for key in keys]).to(ids.device)
+
+    @torch.no_grad()
+    def fill_encoder_cache(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> int:
+        """Encode every (ids, mask) batch of source texts into the cache up front (eval mode); returns the entries added."""
+        if self.encoder_cache is None:
+            return 0
+        before = len(self.encoder_cache)
+        self.encoder.eval()
+        for ids, mask in batches:
+            self.cached_sources(ids.to(self.device), mask.to(self.device))
+        return len(self.encoder_cache) - before
+
+    def encoder_identity(self) -> str:
+        """sha256 of what the cached values depend on: the soft token count and every encoder weight and buffer."""
+        digest = hashlib.sha256(f"chunk_means k={self.hparams.soft_tokens}".encode())
+        for name, tensor in [*self.encoder.named_parameters(), *self.encoder.named_buffers()]:
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()[:24]
+
+    def save_encoder_cache(self, path: Path) -> None:
+        """The cache as one file (keys [N, 16] uint8, values [N, k, De] float32), written atomically."""
+        from datamodules.atomic import atomic_write
+
+        keys = torch.tensor([list(k) for k in self.encoder_cache], dtype=torch.uint8)
+        values = torch.stack(list(self.encoder_cache.values()))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: torch.save({"keys": keys, "values": values}, tmp))
+
+    def load_encoder_cache(self, path: Path) -> int:
+        """Add a saved cache's entries (a file of this very encoder: `encoder_identity` names it); returns how many."""
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        before = len(self.encoder_cache)
+        for key, value in zip(saved["keys"].numpy(), saved["values"]):
+            self.encoder_cache.setdefault(key.tobytes(), value)
+        return len(self.encoder_cache) - before
+
+    def on_fit_start(self) -> None:
+        """Fill the encoder cache with every source text the datamodule will feed (training, validation, embedding).
+
+        The chunk means persist in `<data.cache_dir>/../instructue_encoder/<encoder_identity>.pt`, so the next run with the
+        same frozen encoder (an ablation, a resumed run) reads them instead of running the encoder again.
+        """
+        dm = getattr(self.trainer, "datamodule", None)
+        if self.encoder_cache is None or not hasattr(dm, "encoder_batches"):
+            return
+        started = time.perf_counter()
+        path = Path(dm.events.cfg.cache_dir).parent / "instructue_encoder" / f"{self.encoder_identity()}.pt"
+        loaded = self.load_encoder_cache(path) if path.is_file() else 0
+        added = self.fill_encoder_cache(dm.encoder_batches())
+        if added and self.trainer.is_global_zero:
+            self.save_encoder_cache(path)
+        log.info("encoder cache: %d source texts read from %s, %d encoded, in %.0f s before training", loaded, path, added, time.perf_counter() - started)
+
     def soft_inputs(self, batch: dict) -> torch.Tensor | None:
         """[B, blocks * k, H]: each source's soft tokens in input order, the tabular block's last; None in text-only mode."""
         k, parts = self.hparams.soft_tokens, []
         if self.encoder is not None:
-            with torch.set_grad_enabled(torch.is_grad_enabled() and self.hparams.train_encoder):
-                states = self.encoder(input_ids=batch["enc_ids"], attention_mask=batch["enc_mask"]).last_hidden_state
-            chunks = chunk_means(states.float(), batch["enc_mask"].bool(), k)  # [B * S, k, De]
+            if self.encoder_cache is not None:
+                chunks = self.cached_sources(batch["enc_ids"], batch["enc_mask"])
+            else:
+                chunks = self.encode_sources(batch["enc_ids"], batch["enc_mask"])  # [B * S, k, De]
             chunks = chunks.view(len(batch["index"]), len(self.source_adapters), k, -1)
             parts += [adapter(chunks[:, s]) for s, adapter in enumerate(self.source_adapters)]
         if self.tabular_adapter is not None:
@@ -243,12 +349,61 @@ class InstructUEJoint(L.LightningModule):
         )  # fmt: skip
         return last_real(out.hidden_states[-1].float(), mask.bool())
 
+    def answer_head(self) -> Any:
+        """hidden [N, H] -> logits [N, V] of the backbone's own LM head, or None where it cannot be rebuilt here.
+
+        BERT-style heads transform the states first (`cls.predictions.transform`). Under LoRA, a head tied to the
+        input embeddings multiplies by the detached matrix plus a zero-valued term carrying `<USER>`'s row, so
+        backward computes the one row's gradient the hook keeps instead of the whole matrix's. `losses` checks the
+        head once against the model's own logits and falls back to them if they differ.
+        """
+        if self._head is not False:
+            return self._head
+        out = self.llm.get_output_embeddings()
+        base = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+        transform = getattr(getattr(getattr(base, "cls", None), "predictions", None), "transform", None)
+        pre = transform if transform is not None else (lambda h: h)
+        if type(out) is not nn.Linear:
+            self._head = None
+        elif self.hparams.lora and out.weight is self.llm.get_input_embeddings().weight:
+            user = self.user_token_id
+
+            def head(h: torch.Tensor) -> torch.Tensor:
+                x = pre(h)
+                w = out.weight
+                logits = nn.functional.linear(x, w.detach(), out.bias)
+                row = w[user] - w[user].detach()  # zero: the value is unchanged, the gradient reaches <USER>'s row only
+                return logits.index_add(1, torch.tensor([user], device=x.device), (x @ row)[:, None])
+
+            self._head = head
+        else:
+            self._head = lambda h: out(pre(h))
+        return self._head
+
+    def head_agrees(self, head: Any, states: torch.Tensor, logits: torch.Tensor) -> bool:
+        """Once per module: does `head` on the last position's states give the model's own last-position logits?"""
+        if not self._head_checked:
+            with torch.no_grad():
+                ours = head(states[:, -1]).float()
+            self._head_checked = True
+            if not torch.allclose(ours, logits[:, -1].float(), rtol=1e-4, atol=1e-4):
+                log.warning("InstructUE: the rebuilt LM head differs from %s's logits; computing every position's logits instead", self.hparams.model_path)
+                self._head = None
+                return False
+        return True
+
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
         """The weighted parts: lm = alpha_lm * next-token loss on the answer, cl = alpha_cl * masked InfoNCE (a part with weight 0 is skipped)."""
         hp = self.hparams
-        states, logits = self.final_states(batch, int(batch["user_pos"].min()) if hp.alpha_lm > 0 else None)
+        head = self.answer_head() if hp.alpha_lm > 0 else None
+        states, logits = self.final_states(batch, int(batch["user_pos"].min()) if hp.alpha_lm > 0 and head is None else None)
+        if head is not None and not self.head_agrees(head, states, logits):
+            head = None
+            states, logits = self.final_states(batch, int(batch["user_pos"].min()))
         parts = {}
-        if hp.alpha_lm > 0:
+        if hp.alpha_lm > 0 and head is not None:  # the head only at the answer positions
+            parts["lm"] = hp.alpha_lm * answer_lm_loss_at(states, batch["labels"], head)
+        elif hp.alpha_lm > 0:
             parts["lm"] = hp.alpha_lm * answer_lm_loss(logits, batch["labels"][:, -logits.shape[1] :])
         if hp.alpha_cl > 0:
             users, answers = self.user_vectors(states, batch), self.answer_vectors(batch)

@@ -99,6 +99,9 @@ class InstructUEConfig:
     """Linear warmup steps before the cosine decay."""
     attn_implementation: str | None = None
     """eager | sdpa | flash_attention_2 (null: transformers' default)."""
+    encoder_cache: bool = True
+    """Keep the frozen modality encoder's chunk means per distinct source text (filled once before training), so a step runs
+    only the adapters and the LLM; false: the encoder reads every source of every batch (a trained encoder never caches)."""
     instruction: str = ""
     """The instruction of embeddings.parquet ("": the universal embedding)."""
     instructions: dict[str, str] = field(default_factory=dict)

@@ -16,6 +16,8 @@ through logsumexp with masked entries at -inf, so tau = 0.01 on fp16 inputs stay
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -33,6 +35,17 @@ def answer_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if not valid.any():
         return logits.sum() * 0.0
     return F.cross_entropy(logits[:, :-1][valid].float(), target[valid])
+
+
+def answer_lm_loss_at(states: torch.Tensor, labels: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """`answer_lm_loss` with the LM head applied only where the loss reads it: position t's final state [.., H] goes
+    through `head` where labels[t+1] != IGNORE (the answer tokens), not at prompt and padding positions."""
+    target = labels[:, 1:]
+    valid = target != IGNORE
+    if not valid.any():
+        return states.sum() * 0.0
+    rows, cols = valid.nonzero(as_tuple=True)
+    return F.cross_entropy(head(states[rows, cols]).float(), target[rows, cols])
 
 
 def similarities(users: torch.Tensor, answers: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -19,7 +19,10 @@ from reports.specs import REPORTS
 from reports.table import finished_rows, section_table
 
 REPORT_DIR = Path(__file__).parent
-MAKE_TARGETS = {"encode_me": "make report-encode-me", "llm4es": "make report-llm4es"}
+MAKE_TARGETS = {"encode_me": "make report-encode-me", "llm4es": "make report-llm4es", "instructue": "make report-instructue"}
+TSNE_RUN = "instructue_tuned_ml100k"  # Figure 5: its universal, instructed and tuned embeddings of the same weights
+TSNE_TARGETS = ("gender", "age")
+TSNE_VARIANTS = (("universal", "", ""), ("instruction-manual", "_{t}", "instructed/"), ("instruction-tuned", "_{t}_tuned", "tuned/"))
 
 
 class NothingToReport(Exception):
@@ -40,9 +43,102 @@ def build(name: str, outputs: Path) -> Path:
     for section in report.sections:
         lines += section_table(section, outputs, report)
     lines += ["## The paper's figures (not ours)", "", report.paper, ""]
+    if name == "instructue":
+        lines += tsne_lines(outputs)
     path = REPORT_DIR / f"{name}.md"
     atomic_write(path, lambda tmp: tmp.write_text("\n".join(lines)))  # a killed build leaves the old report whole
     return path
+
+
+def tsne_lines(outputs: Path) -> list[str]:
+    """InstructUE's Figure 5 from the newest TSNE_RUN: draw reports/instructue_tsne.png, log it to W&B, say so in the report."""
+    from experiments.rundirs import latest_run
+
+    run = latest_run(outputs, TSNE_RUN)
+    lines = ["## Figure 5: t-SNE of universal and instruction-conditioned embeddings", ""]
+    if run is None:
+        return lines + [f"No finished `{TSNE_RUN}` run yet: no figure (`python -m experiments.run experiment={TSNE_RUN}`).", ""]
+    png = instructue_tsne(run, REPORT_DIR / "instructue_tsne.png")
+    logged = log_figure_to_wandb(png, run, outputs)
+    return lines + [
+        f"![t-SNE of InstructUE embeddings]({png.name})",
+        "",
+        f"Every user of `{run}`, each panel its own 2-D t-SNE (scikit-learn, perplexity 30, PCA init, seed 0) of one "
+        "embedding, points coloured by the target's label; the panel title gives that row's TEST AUC. Left: the universal "
+        "embedding (empty instruction); middle: the target's hand-written instruction; right: instruction tokens tuned on "
+        f"the target's FIT users. Drawn by `python -m reports.build instructue`; {logged}",
+        "",
+    ]
+
+
+def instructue_tsne(run: Path, path: Path, seed: int = 0) -> Path:
+    """A grid (rows: TSNE_TARGETS, columns: TSNE_VARIANTS) of t-SNE scatters coloured by each target's label."""
+    import json
+
+    import numpy as np
+    import polars as pl
+    from matplotlib.figure import Figure
+    from omegaconf import OmegaConf
+    from sklearn.manifold import TSNE
+
+    from datamodules.config import DataConfig
+    from datamodules.datamodule import EventDataModule
+    from experiments.config import to_dataclass
+
+    cfg = OmegaConf.load(run / "config.yaml")
+    prepared = EventDataModule(to_dataclass(cfg.data, DataConfig), seed=cfg.seed).data  # the run's own users and labels
+    targets = {t.name: t for t in prepared.targets}
+    metrics = json.loads((run / "metrics.json").read_text())
+    names = [t for t in TSNE_TARGETS if t in targets]
+    fig = Figure(figsize=(4 * len(TSNE_VARIANTS), 4 * len(names)))
+    axes = np.atleast_2d(fig.subplots(len(names), len(TSNE_VARIANTS)))
+    for row, target in zip(axes, names):
+        t = targets[target]
+        for ax, (variant, suffix, prefix) in zip(row, TSNE_VARIANTS):
+            file = run / f"embeddings{suffix.format(t=target)}.parquet"
+            if not file.is_file():
+                ax.set_title(f"{variant}: no {file.name}", fontsize=9)
+                ax.axis("off")
+                continue
+            frame = pl.read_parquet(file)
+            if frame["user_id"].cast(pl.Utf8).to_list() != [str(u) for u in prepared.store.user_ids]:
+                raise ValueError(f"{file}: its users are not the prepared data's users (was the cache rebuilt on other data?)")
+            x = np.stack(frame["embedding"].to_numpy()).astype(np.float64)
+            keep = np.flatnonzero(np.asarray(t.labels) >= 0)
+            xy = TSNE(2, perplexity=30, init="pca", random_state=seed).fit_transform(x[keep])
+            labels = np.asarray(t.labels)[keep]
+            for k, cls in enumerate(t.classes):
+                ax.scatter(xy[labels == k, 0], xy[labels == k, 1], s=4, alpha=0.6, label=str(cls))
+            auc = metrics.get(f"{prefix}probe_test/{target}/auc")
+            ax.set_title(f"{target}, {variant}" + (f" (TEST AUC {auc:.3f})" if auc is not None else ""), fontsize=9)
+            ax.set_xticks([]), ax.set_yticks([])
+            ax.legend(fontsize=7, markerscale=2, title=target, title_fontsize=8)
+    fig.suptitle(f"InstructUE embeddings, t-SNE ({run.parent.name}/{run.name})")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    return path
+
+
+def log_figure_to_wandb(png: Path, run: Path, outputs: Path) -> str:
+    """Log the figure as a wandb.Image in an offline W&B run of its own (job_type report); returns the sentence saying where."""
+    import os
+
+    from omegaconf import OmegaConf
+
+    if os.environ.get("WANDB_MODE", "offline") == "disabled":
+        return "W&B is disabled (WANDB_MODE=disabled): not logged."
+    import wandb
+
+    project = OmegaConf.load(run / "config.yaml").get("logger", {}).get("project", "event-embeddings")
+    folder = outputs / "reports" / "instructue"
+    folder.mkdir(parents=True, exist_ok=True)
+    mode = os.environ.get("WANDB_MODE", "offline")
+    wb = wandb.init(project=project, dir=str(folder), job_type="report", name="report-instructue", mode=mode,
+                    config={"run": str(run)}, reinit="finish_previous")  # fmt: skip
+    wb.log({"report/instructue_tsne": wandb.Image(str(png))})
+    where = wb.dir
+    wb.finish()
+    return f"also logged to W&B as `report/instructue_tsne` (an {mode} run of project `{project}`, job type `report`, under `{Path(where).parent}`)."
 
 
 def main(argv: list[str] | None = None) -> int:

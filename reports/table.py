@@ -29,6 +29,7 @@ class Section:
     columns: list[Column]
     baselines_from: str  # experiment whose run also carries the handcrafted and random rows
     extra_args: str = ""  # command-line words every row's experiment needs (e.g. a data path)
+    prefixes: dict[str, str] = field(default_factory=dict)  # row label -> metrics.json prefix of its figures (e.g. "instructed/")
 
 
 @dataclass
@@ -49,7 +50,7 @@ class Report:
     intro: str
     sections: list[Section]
     paper: str  # markdown: the paper's own figures, labelled as such
-    ensemble_row: str = "ensemble"
+    ensemble_row: str | None = "ensemble"  # None: the report has no ensemble and prints no ensemble verdict
     single_rows: list[str] = field(default_factory=list)  # rows the ensemble is compared with
     findings: list[Finding] = field(default_factory=list)
 
@@ -87,7 +88,12 @@ def section_rows(section: Section, outputs: Path) -> list[Row]:
             continue
         command = run / "command.txt"
         cite = f"`{run}`: `{command.read_text().strip()}`" if command.is_file() else f"`{run}`"
-        rows.append(Row(label, json.loads((run / "metrics.json").read_text()), cite, run_data(run)))
+        metrics = json.loads((run / "metrics.json").read_text())
+        prefix = section.prefixes.get(label)
+        if prefix:  # a row of another embedding of the same run (InstructUE's instructed/tuned rows)
+            metrics = {k.removeprefix(prefix): v for k, v in metrics.items() if k.startswith(prefix)}
+            cite += f" (its `{prefix}*` figures)"
+        rows.append(Row(label, metrics, cite, run_data(run)))
     base_run = latest_run(outputs, section.baselines_from)
     if base_run:
         base = json.loads((base_run / "metrics.json").read_text())
@@ -115,7 +121,7 @@ def section_table(section: Section, outputs: Path, report: Report) -> list[str]:
         if total is not None:
             sums[row.label] = total
         lines.append("| " + " | ".join([row.label, *[fmt(v) for v in values], fmt(total), row.cite]) + " |")
-    lines += ["", verdict(sums, report.single_rows, report.ensemble_row), ""]
+    lines += ["", verdict(sums, report.single_rows, report.ensemble_row), ""] if report.ensemble_row else [""]
     present = {r.label for r in rows}
     checked = [f for f in report.findings if present & set(f.winners) and present & set(f.losers)]
     lines += [finding_line(sums, f) for f in checked]

@@ -203,3 +203,82 @@ def test_a_run_writes_and_probes_each_targets_instructed_embeddings(recsys_dir, 
     instructed = {k.split("/")[2] for k in metrics if k.startswith("instructed/")}
     assert instructed == {"churn", "propensity_category"}  # each target probed on its own instruction only
     assert (result.run_dir / "embeddings_propensity_category.parquet").is_file()
+
+
+def test_the_encoder_cache_gives_the_uncached_embeddings_and_losses(events, tiny_minilm_dir):
+    """Cached chunk means (filled up front, shortest texts first, or on a miss) equal the encoder run on the batch itself."""
+    cached, dm = build(events, tiny_minilm_dir)
+    plain, _ = build(events, tiny_minilm_dir, encoder_cache=False)
+    assert plain.encoder_cache is None and cached.encoder_cache == {}
+    plain.load_state_dict(cached.state_dict())
+    cached.eval(), plain.eval()
+    loader = dm.instruction_loader("Which genres does this user prefer?")
+    batches = [b for _, b in zip(range(2), loader)]
+    with torch.no_grad():
+        lazy = torch.cat([cached.embed(b) for b in batches])  # misses: encoded with this batch's rows only
+        assert len(cached.encoder_cache) == sum(len(b["index"]) for b in batches)  # ml100k: one source per user
+        again = torch.cat([cached.embed(b) for b in batches])  # hits
+        expected = torch.cat([plain.embed(b) for b in batches])
+    torch.testing.assert_close(lazy, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(again, lazy, rtol=0, atol=0)
+    texts = dm.encoder_texts()
+    rows = {t.row for t in dm.triples()}
+    assert len(texts) >= len(rows) == len(events.data.store)  # every user's whole history, plus the predictive cuts
+    cached.load_state_dict(plain.state_dict())  # the same encoder weights (a best checkpoint): the cache stays
+    assert len(cached.encoder_cache) == sum(len(b["index"]) for b in batches)
+    state = {k: v + 1e-3 if k.startswith("encoder.") and v.is_floating_point() else v for k, v in cached.state_dict().items()}
+    cached.load_state_dict(state)  # other encoder weights: the cache is emptied
+    assert cached.encoder_cache == {}
+    cached.load_state_dict(plain.state_dict())
+    added = cached.fill_encoder_cache(dm.encoder_batches(texts))
+    assert added == len(cached.encoder_cache) == len(texts)
+    train = first_batch(dm.train_dataloader())
+    with torch.no_grad():
+        torch.testing.assert_close(torch.cat([cached.embed(b) for b in batches]), expected, rtol=0, atol=1e-6)
+        cached_loss, plain_loss = cached.losses(train), plain.losses(train)
+    assert len(cached.encoder_cache) == len(texts)  # every training input was filled up front: no miss
+    for part in plain_loss:
+        torch.testing.assert_close(cached_loss[part], plain_loss[part], rtol=0, atol=1e-5)
+
+
+def test_the_encoder_cache_file_is_named_by_the_encoders_weights(events, tiny_minilm_dir, tmp_path):
+    module, dm = build(events, tiny_minilm_dir)
+    other, _ = build(events, tiny_minilm_dir)
+    module.fill_encoder_cache(dm.encoder_batches(dm.encoder_texts()[:20]))
+    path = tmp_path / f"{module.encoder_identity()}.pt"
+    module.save_encoder_cache(path)
+    assert other.encoder_identity() == module.encoder_identity()  # same frozen encoder, same file
+    assert other.load_encoder_cache(path) == 20 and other.load_encoder_cache(path) == 0
+    for key, value in module.encoder_cache.items():
+        assert torch.equal(other.encoder_cache[key], value)
+    with torch.no_grad():
+        next(other.encoder.parameters()).add_(1e-3)
+    assert other.encoder_identity() != module.encoder_identity()  # other weights: another file
+    other, _ = build(events, tiny_minilm_dir, soft_tokens=3)
+    assert other.encoder_identity() != module.encoder_identity()
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_the_head_at_answer_positions_gives_the_full_logits_loss_and_gradients(events, tiny_minilm_dir, lora):
+    """The LM head applied only where the answer loss reads it (and, under LoRA, only <USER>'s row of a tied head
+    getting a gradient) leaves the loss and every gradient as the model's own logits at every position give them."""
+    module, dm = build(events, tiny_minilm_dir, lora=lora)
+    module.eval()  # no dropout: both passes see the same network
+    batch = first_batch(dm.train_dataloader())
+    tied = module.llm.get_output_embeddings().weight is module.llm.get_input_embeddings().weight
+    assert tied and module.answer_head() is not None
+
+    def run() -> tuple[dict, dict]:
+        module.zero_grad()
+        parts = module.losses(batch)
+        sum(parts.values()).backward()
+        return {k: v.detach() for k, v in parts.items()}, {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+    fast, fast_grads = run()
+    assert module._head_checked and module._head is not None  # the check against the model's logits passed
+    module._head = None  # the model's own logits from the first answer position on
+    full, full_grads = run()
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-6)
+    assert fast_grads.keys() == full_grads.keys() and any("lora" in n for n in fast_grads) == lora
+    for name in full_grads:
+        torch.testing.assert_close(fast_grads[name], full_grads[name], rtol=1e-4, atol=1e-6, msg=name)

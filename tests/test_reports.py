@@ -88,3 +88,65 @@ def test_every_report_row_is_an_experiment_and_make_runs_it(name):
         for label, experiment in section.rows:
             assert (root / "experiments" / "configs" / "experiment" / f"{experiment}.yaml").is_file(), (label, experiment)
             assert experiment in makefile, f"{experiment} ({label}) is not run by {build.MAKE_TARGETS[name]}"
+
+
+def test_a_prefixed_row_reads_another_embedding_of_the_same_run_and_no_ensemble_no_verdict(tmp_path):
+    section = reports.Section(
+        title="toy", data_note="note", rows=[("universal", "exp_a"), ("instructed", "exp_a"), ("tuned", "exp_a")],
+        columns=[reports.Column("x", "probe_test/x/auc"), reports.Column("x KS", "probe_test/x/ks", in_sum=False)],
+        baselines_from="exp_a", prefixes={"instructed": "instructed/", "tuned": "tuned/"},
+    )
+    fake_run(tmp_path, "exp_a", {"probe_test/x/auc": 0.6, "probe_test/x/ks": 0.2, "instructed/probe_test/x/auc": 0.7,
+                                 "instructed/probe_test/x/ks": 0.3}, "python -m experiments.run experiment=exp_a")
+    findings = [reports.Finding("instructed beats universal", ("instructed",), ("universal",)),
+                reports.Finding("tuned beats instructed", ("tuned",), ("instructed",))]
+    report = reports.Report(title="t", intro="i", sections=[section], paper="p", ensemble_row=None, findings=findings)
+    text = "\n".join(reports.section_table(section, tmp_path, report))
+    assert "| universal | 0.600 | 0.200 | 0.600 |" in text
+    assert "| instructed | 0.700 | 0.300 | 0.700 | `" in text and "(its `instructed/*` figures)" in text
+    assert "| tuned | — | — | — |" in text  # the run has no tuned/ figures: empty, never the universal ones
+    assert '- Claim "instructed beats universal" holds here: instructed 0.700 vs universal 0.600 (Sum).' in text
+    assert '- Claim "tuned beats instructed": not all of its runs are finished, no verdict.' in text
+    assert "Ensemble" not in text
+
+
+def test_the_instructue_figure_is_a_tsne_grid_of_the_runs_embeddings(ml100k_cache, tmp_path):
+    """The figure reads the run's own users and labels: a run whose embeddings are of other users is refused."""
+    import numpy as np
+    import polars as pl
+    from omegaconf import OmegaConf
+
+    from datamodules.config import DataConfig
+    from datamodules.datamodule import EventDataModule
+    from experiments.config import compose, to_dataclass
+
+    cfg = compose(["experiment=instructue_tuned_ml100k", f"data.cache_dir={ml100k_cache}"])
+    users = EventDataModule(to_dataclass(cfg.data, DataConfig), seed=cfg.seed).data.store.user_ids
+    run = fake_run(tmp_path, build.TSNE_RUN, {"probe_test/gender/auc": 0.61, "tuned/probe_test/gender/auc": 0.7}, "python -m x")
+    OmegaConf.save(cfg, run / "config.yaml")
+    rng = np.random.default_rng(0)
+    for name in ("", "_gender", "_gender_tuned", "_age"):  # age has no tuned file: its panel says so
+        pl.DataFrame({"user_id": users, "embedding": rng.normal(size=(len(users), 8)).astype(np.float32)}).write_parquet(run / f"embeddings{name}.parquet")
+    png = build.instructue_tsne(run, tmp_path / "tsne.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+    pl.DataFrame({"user_id": users[::-1], "embedding": rng.normal(size=(len(users), 8)).astype(np.float32)}).write_parquet(run / "embeddings.parquet")
+    with pytest.raises(ValueError, match="not the prepared data's users"):
+        build.instructue_tsne(run, tmp_path / "tsne2.png")
+
+
+def test_the_figure_is_logged_as_a_wandb_image_in_an_offline_run(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("logger:\n  project: my-project\n")
+    fig = Figure()
+    fig.subplots().plot([0, 1], [1, 0])
+    fig.savefig(tmp_path / "f.png")
+    said = build.log_figure_to_wandb(tmp_path / "f.png", run, tmp_path / "out")
+    assert "report/instructue_tsne" in said and "project `my-project`" in said
+    logged = list((tmp_path / "out" / "reports" / "instructue" / "wandb").glob("offline-run-*/files/media/images/report/instructue_tsne_*.png"))
+    assert len(logged) == 1 and logged[0].read_bytes()[:4] == b"\x89PNG"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert "not logged" in build.log_figure_to_wandb(tmp_path / "f.png", run, tmp_path / "out2")
