@@ -44,7 +44,8 @@ sweep: $(STAMP)
 # Regenerate reports/encode_me.md: every row's experiment on ml100k and on a RecSys 2025 layout
 # (generated unless RECSYS_DATA names the official files), then the ensembles, then the report.
 ENCODE_ME_ML100K := gru_ae_ml100k gru_ae_week_all_ml100k gru_ae_day_event_type_ml100k \
-	next_item_ml100k ials_item_ml100k ials_genre_ml100k lightfm_ml100k lm_features ensemble_ml100k
+	next_item_ml100k ials_item_ml100k ials_genre_ml100k lightfm_ml100k lm_features ensemble_ml100k \
+	ensemble_ials_handcrafted_ml100k ensemble_no_handcrafted_ml100k
 ENCODE_ME_RECSYS := gru_ae_recsys2025 gru_ae_week_all_recsys2025 gru_ae_day_event_type_recsys2025 gru_ae_sku_text_recsys2025 \
 	next_product_recsys2025 next_url_recsys2025 ials_category_recsys2025 ials_url_recsys2025 lightfm_recsys2025 \
 	lm_all_recsys2025 lm_search_recsys2025 ensemble_recsys2025

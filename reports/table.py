@@ -30,6 +30,7 @@ class Section:
     baselines_from: str  # experiment whose run also carries the handcrafted and random rows
     extra_args: str = ""  # command-line words every row's experiment needs (e.g. a data path)
     prefixes: dict[str, str] = field(default_factory=dict)  # row label -> metrics.json prefix of its figures (e.g. "instructed/")
+    note: str = ""  # printed after the ensemble verdict: what the section's diagnostic rows are for
 
 
 @dataclass
@@ -122,6 +123,7 @@ def section_table(section: Section, outputs: Path, report: Report) -> list[str]:
             sums[row.label] = total
         lines.append("| " + " | ".join([row.label, *[fmt(v) for v in values], fmt(total), row.cite]) + " |")
     lines += ["", verdict(sums, report.single_rows, report.ensemble_row), ""] if report.ensemble_row else [""]
+    lines += [section.note, ""] if section.note else []
     present = {r.label for r in rows}
     checked = [f for f in report.findings if present & set(f.winners) and present & set(f.losers)]
     lines += [finding_line(sums, f) for f in checked]
