@@ -13,7 +13,7 @@ source text keeps its newest `max_source_tokens` tokens (the formatter already k
 events up to `budget`), the tabular text its first ones, an answer its first `max_answer_tokens`.
 `labels` are the answer tokens (IGNORE elsewhere); `answer_ids` / `answer_mask` hold each answer
 alone ([BOS] answer [EOS]) for the answer embedding. Tokenizers are objects the caller loaded
-(`lit_modules.instruct_ue.load_tokenizers`): the data side never loads models.
+(`lit_modules.instruct_ue_tokens.load_tokenizers`): the data side never loads models.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ def build_datamodule(config: Any, events: Any, train: bool = True) -> Any:
         return events
     if config.inputs == "instruct":  # InstructUE: UserQA triples to train, histories with an instruction to embed
         from datamodules.instruct_batches import InstructDataModule
-        from lit_modules.instruct_ue import load_tokenizers
+        from lit_modules.instruct_ue_tokens import load_tokenizers
 
         return InstructDataModule(events, *load_tokenizers(config), config, train=train)
     if config.inputs == "uqa":  # UQAAlign: UQABench questions to train and score, event batches or user texts to embed

@@ -32,59 +32,17 @@ from typing import Any
 
 import lightning.pytorch as L
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from datamodules.user_inputs import USER_TOKEN
 from lit_modules.contract import adamw_with_schedule, log_losses
 from lit_modules.instruct_ue_config import check_instruct_ue
 from lit_modules.instruct_ue_loss import answer_lm_loss, answer_lm_loss_at, masked_info_nce
 from lit_modules.llm4es import last_real, masked_mean, padded_position_ids
-from lit_modules.lm import MINILM, load_causal_lm, load_tokenizer, resolve_model_path, with_lora
+from lit_modules.instruct_ue_tokens import add_user_row, llm_tokenizer
+from lit_modules.lm import MINILM, load_causal_lm, resolve_model_path, with_lora
 
 log = logging.getLogger(__name__)
-
-
-def llm_tokenizer(model_path: str) -> Any:
-    """The backbone's tokenizer with `<USER>` added as a special token; a one-line error naming the path if it cannot be."""
-    tok = load_tokenizer(model_path)
-    try:
-        tok.add_special_tokens({"additional_special_tokens": [USER_TOKEN]})
-        ids = tok(USER_TOKEN, add_special_tokens=False)["input_ids"]
-    except (ValueError, TypeError, AttributeError, KeyError) as err:
-        raise ValueError(f"model.model_path {model_path!r}: its tokenizer cannot add {USER_TOKEN} ({err})") from None
-    if len(ids) != 1 or ids[0] == tok.unk_token_id:
-        raise ValueError(f"model.model_path {model_path!r}: its tokenizer cannot add {USER_TOKEN} as one token (got ids {ids})")
-    return tok
-
-
-def load_tokenizers(config: Any) -> tuple[Any, Any | None, int]:
-    """(LLM tokenizer with <USER>, the encoder's tokenizer keeping the newest tokens or None, <USER>'s id) for a config."""
-    tok = llm_tokenizer(config.model_path)
-    enc = None
-    if config.modality_encoders and config.use_sequence:
-        from transformers import AutoTokenizer
-
-        path = resolve_model_path(config.encoder_path, "model.encoder_path")
-        enc = AutoTokenizer.from_pretrained(path, local_files_only=True, truncation_side="left")
-    return tok, enc, tok.convert_tokens_to_ids(USER_TOKEN)
-
-
-def add_user_row(model: Any, tok: Any, model_path: str) -> int:
-    """Make room for `<USER>` in the input embeddings (new rows = the mean row); returns its id."""
-    user_id = tok.convert_tokens_to_ids(USER_TOKEN)
-    emb = model.get_input_embeddings()
-    if emb is None:
-        raise ValueError(f"model.model_path {model_path!r}: the backbone has no input embedding matrix for {USER_TOKEN}")
-    rows = emb.weight.shape[0]
-    if user_id >= rows:
-        try:
-            model.resize_token_embeddings(len(tok), mean_resizing=False)
-        except (NotImplementedError, ValueError, AttributeError, RuntimeError) as err:
-            raise ValueError(f"model.model_path {model_path!r}: the backbone has no room for {USER_TOKEN} ({err})") from None
-        with torch.no_grad():
-            weight = model.get_input_embeddings().weight
-            weight[rows:] = weight[:rows].mean(0)
-    return user_id
 
 
 def chunk_means(states: torch.Tensor, real: torch.Tensor, k: int) -> torch.Tensor:
@@ -173,7 +131,7 @@ class InstructUEJoint(L.LightningModule):
             weight.requires_grad_(True)
             weight.register_hook(lambda grad: grad * only_user.to(grad.device, grad.dtype))
         self.llm = llm.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes
-        self._head: Any = False  # answer_head(): not built yet
+        self._head: Any = False  # answer_head(): built on first use
         self._head_checked = False
         k = soft_tokens
         self.encoder = self.source_adapters = self.standardize = self.tabular_adapter = None
@@ -253,17 +211,17 @@ class InstructUEJoint(L.LightningModule):
         return digest.hexdigest()[:24]
 
     def save_encoder_cache(self, path: Path) -> None:
-        """The cache as one file (keys [N, 16] uint8, values [N, k, De] float32), written atomically."""
+        """The cache as one safetensors file (keys [N, 16] uint8, values [N, k, De] float32), written atomically."""
         from datamodules.atomic import atomic_write
 
         keys = torch.tensor([list(k) for k in self.encoder_cache], dtype=torch.uint8)
         values = torch.stack(list(self.encoder_cache.values()))
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda tmp: torch.save({"keys": keys, "values": values}, tmp))
+        atomic_write(path, lambda tmp: save_file({"keys": keys, "values": values.contiguous()}, str(tmp)))
 
     def load_encoder_cache(self, path: Path) -> int:
         """Add a saved cache's entries (a file of this very encoder: `encoder_identity` names it); returns how many."""
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = load_file(str(path))
         before = len(self.encoder_cache)
         for key, value in zip(saved["keys"].numpy(), saved["values"]):
             self.encoder_cache.setdefault(key.tobytes(), value)
@@ -272,14 +230,14 @@ class InstructUEJoint(L.LightningModule):
     def on_fit_start(self) -> None:
         """Fill the encoder cache with every source text the datamodule will feed (training, validation, embedding).
 
-        The chunk means persist in `<data.cache_dir>/../instructue_encoder/<encoder_identity>.pt`, so the next run with the
+        The chunk means persist in `<data.cache_dir>/../instructue_encoder/<encoder_identity>.safetensors`, so the next run with the
         same frozen encoder (an ablation, a resumed run) reads them instead of running the encoder again.
         """
         dm = getattr(self.trainer, "datamodule", None)
         if self.encoder_cache is None or not hasattr(dm, "encoder_batches"):
             return
         started = time.perf_counter()
-        path = Path(dm.events.cfg.cache_dir).parent / "instructue_encoder" / f"{self.encoder_identity()}.pt"
+        path = Path(dm.events.cfg.cache_dir).parent / "instructue_encoder" / f"{self.encoder_identity()}.safetensors"
         loaded = self.load_encoder_cache(path) if path.is_file() else 0
         added = self.fill_encoder_cache(dm.encoder_batches())
         if added and self.trainer.is_global_zero:

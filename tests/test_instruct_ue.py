@@ -11,7 +11,8 @@ import torch
 from datamodules.instruct_batches import InstructCollator
 from datamodules.text_batches import IGNORE
 from datamodules.user_inputs import USER_TOKEN
-from lit_modules.instruct_ue import Standardizer, chunk_means, llm_tokenizer
+from lit_modules.instruct_ue import Standardizer, chunk_means
+from lit_modules.instruct_ue_tokens import llm_tokenizer
 from lit_modules.instruct_ue_config import InstructUEConfig
 from lit_modules.lm import load_tokenizer
 
@@ -75,7 +76,7 @@ def test_gradients_reach_adapters_lora_and_the_user_row_not_the_frozen_encoder(e
 
 def test_the_collated_sequence(events, tiny_minilm_dir):
     config = InstructUEConfig(model_path=str(tiny_minilm_dir), encoder_path=str(tiny_minilm_dir), soft_tokens=3)
-    from lit_modules.instruct_ue import load_tokenizers
+    from lit_modules.instruct_ue_tokens import load_tokenizers
 
     tok, enc, user = load_tokenizers(config)
     dm = build(events, tiny_minilm_dir, soft_tokens=3)[1]
@@ -245,7 +246,7 @@ def test_the_encoder_cache_file_is_named_by_the_encoders_weights(events, tiny_mi
     module, dm = build(events, tiny_minilm_dir)
     other, _ = build(events, tiny_minilm_dir)
     module.fill_encoder_cache(dm.encoder_batches(dm.encoder_texts()[:20]))
-    path = tmp_path / f"{module.encoder_identity()}.pt"
+    path = tmp_path / f"{module.encoder_identity()}.safetensors"
     module.save_encoder_cache(path)
     assert other.encoder_identity() == module.encoder_identity()  # same frozen encoder, same file
     assert other.load_encoder_cache(path) == 20 and other.load_encoder_cache(path) == 0

@@ -243,7 +243,7 @@ def test_encoder_run_on_other_data_is_refused(encoder_out, events, tmp_path):
         assert "\n" not in str(err.value) and str(other) in str(err.value)
 
 
-# ---------------------------------------------------------------- next_item_rec's held-out metrics (issue 17, item 2)
+# ---------------------------------------------------------------- next_item_rec's held-out metrics
 
 
 def test_next_item_val_is_the_second_to_last_item_and_test_the_last(encoder_out, events):
